@@ -1,0 +1,113 @@
+"""Slot layouts of the diagonal (Halevi-Shoup) packing with baby-step giant-step.
+
+The math is in ENGINE.md. In short, with S slots and the dimension padded to a
+power of two d' that divides S:
+
+- the query holds u (zero-padded to d') repeated across all S slots;
+- a chunk of S catalog rows is stored as d' diagonals, D[j][i] = W[i, (i+j) mod d'];
+- with j = g*b + k, diagonal j is pre-rotated right by g*b, so that
+  scores = sum_g rot( sum_k D'[g*b+k] * rot(q, k), g*b ).
+
+Baby rotations rot(q, k) are made one step at a time and giant rotations are folded
+Horner-style, so the keys need only two rotation steps: 1 and b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DiagonalPlan:
+    """How one catalog is laid out in slots: padding, chunking and the BSGS split."""
+
+    dimension: int
+    slot_count: int
+    baby_step: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dimension <= self.slot_count:
+            raise ValueError(
+                f"dimension must be between 1 and the slot count {self.slot_count}, "
+                f"got {self.dimension}"
+            )
+        if self.padded_dimension % self.baby_step:
+            raise ValueError("baby_step must divide the padded dimension")
+
+    @classmethod
+    def for_catalog(cls, dimension: int, item_count: int, slot_count: int) -> DiagonalPlan:
+        """Choose the baby step that minimises rotations for this catalog's shape.
+
+        A query costs (b - 1) baby rotations, shared by all C chunks, plus
+        C * (d'/b - 1) giant rotations; ties go to the larger b (fewer per-chunk
+        rotations, so per-chunk work parallelises better).
+        """
+        padded = _next_power_of_two(dimension)
+        chunks = max(1, -(-item_count // slot_count))
+        candidates = [1 << e for e in range(padded.bit_length())]
+        best = min(candidates, key=lambda b: ((b - 1) + chunks * (padded // b - 1), -b))
+        return cls(dimension=dimension, slot_count=slot_count, baby_step=best)
+
+    @property
+    def padded_dimension(self) -> int:
+        """d rounded up to a power of two, d'."""
+        return _next_power_of_two(self.dimension)
+
+    @property
+    def giant_count(self) -> int:
+        """Number of giant steps, d' / b."""
+        return self.padded_dimension // self.baby_step
+
+    @property
+    def rotation_steps(self) -> tuple[int, ...]:
+        """The rotate_vector steps the evaluation keys must cover."""
+        steps = []
+        if self.baby_step > 1:
+            steps.append(1)
+        if self.giant_count > 1:
+            steps.append(self.baby_step)
+        return tuple(steps)
+
+    def rotations_per_query(self, chunk_count: int) -> int:
+        """Key switches one query over `chunk_count` chunks costs."""
+        return (self.baby_step - 1) + chunk_count * (self.giant_count - 1)
+
+    def query_slots(self, vector: npt.ArrayLike) -> FloatArray:
+        """The query layout: `vector` zero-padded to d' and repeated over every slot."""
+        u = np.asarray(vector, dtype=np.float64)
+        if u.shape != (self.dimension,):
+            raise ValueError(f"expected a vector of dimension {self.dimension}, got shape {u.shape}")
+        padded = np.zeros(self.padded_dimension)
+        padded[: self.dimension] = u
+        return np.tile(padded, self.slot_count // self.padded_dimension)
+
+    def diagonals(self, rows: FloatArray) -> FloatArray:
+        """The d' pre-rotated diagonals of up to S rows, as a (d', S) array.
+
+        Row j*... of the result is D[j] rotated right by (j // b) * b, ready to
+        encode; slots past the last row are zero.
+        """
+        count = rows.shape[0]
+        if count > self.slot_count or rows.shape[1] != self.dimension:
+            raise ValueError(f"expected at most {self.slot_count} rows of dimension {self.dimension}")
+        d_pad = self.padded_dimension
+        block = np.zeros((self.slot_count, d_pad))
+        block[:count, : self.dimension] = rows
+        slot = np.arange(self.slot_count)[None, :]
+        j = np.arange(d_pad)[:, None]
+        diagonals = block[slot, (slot + j) % d_pad]
+        for g in range(1, self.giant_count):
+            start = g * self.baby_step
+            diagonals[start : start + self.baby_step] = np.roll(
+                diagonals[start : start + self.baby_step], start, axis=1
+            )
+        return diagonals

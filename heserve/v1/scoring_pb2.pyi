@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("server_version", "ckks", "limits", "key_retention")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CKKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    KEY_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    ckks: CkksParameters
+    limits: SizeLimits
+    key_retention: KeyRetentionPolicy
+    def __init__(self, server_version: _Optional[str] = ..., ckks: _Optional[_Union[CkksParameters, _Mapping]] = ..., limits: _Optional[_Union[SizeLimits, _Mapping]] = ..., key_retention: _Optional[_Union[KeyRetentionPolicy, _Mapping]] = ...) -> None: ...
+
+class CkksParameters(_message.Message):
+    __slots__ = ("poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "galois_steps", "security_bits", "slot_count")
+    POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
+    COEFF_MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    GALOIS_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_BITS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    poly_modulus_degree: int
+    coeff_modulus_bits: _containers.RepeatedScalarFieldContainer[int]
+    scale_bits: int
+    galois_steps: _containers.RepeatedScalarFieldContainer[int]
+    security_bits: int
+    slot_count: int
+    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., security_bits: _Optional[int] = ..., slot_count: _Optional[int] = ...) -> None: ...
+
+class SizeLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_key_chunk_bytes: int
+    max_key_bytes: int
+    max_query_bytes: int
+    max_item_ids: int
+    max_page_size: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ...) -> None: ...
+
+class KeyRetentionPolicy(_message.Message):
+    __slots__ = ("ttl_seconds", "max_keys", "max_bytes")
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: int
+    max_keys: int
+    max_bytes: int
+    def __init__(self, ttl_seconds: _Optional[int] = ..., max_keys: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ListCatalogsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCatalogsResponse(_message.Message):
+    __slots__ = ("catalogs", "next_page_token")
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    catalogs: _containers.RepeatedCompositeFieldContainer[CatalogInfo]
+    next_page_token: str
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[CatalogInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CatalogInfo(_message.Message):
+    __slots__ = ("name", "version", "dimension", "item_count", "padded_dimension", "items_per_response")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PADDED_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_PER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    dimension: int
+    item_count: int
+    padded_dimension: int
+    items_per_response: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., dimension: _Optional[int] = ..., item_count: _Optional[int] = ..., padded_dimension: _Optional[int] = ..., items_per_response: _Optional[int] = ...) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ("catalog", "page_size", "page_token")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    page_size: int
+    page_token: str
+    def __init__(self, catalog: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListItemsResponse(_message.Message):
+    __slots__ = ("item_ids", "next_page_token", "catalog_version")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    next_page_token: str
+    catalog_version: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ..., catalog_version: _Optional[str] = ...) -> None: ...
+
+class RegisterKeysRequest(_message.Message):
+    __slots__ = ("galois_keys_chunk",)
+    GALOIS_KEYS_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    galois_keys_chunk: bytes
+    def __init__(self, galois_keys_chunk: _Optional[bytes] = ...) -> None: ...
+
+class RegisterKeysResponse(_message.Message):
+    __slots__ = ("key_id", "ttl_seconds")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    ttl_seconds: int
+    def __init__(self, key_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class DeleteKeysRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class DeleteKeysResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("key_id", "catalog", "query", "item_ids", "catalog_version")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    catalog: str
+    query: bytes
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    catalog_version: str
+    def __init__(self, key_id: _Optional[str] = ..., catalog: _Optional[str] = ..., query: _Optional[bytes] = ..., item_ids: _Optional[_Iterable[str]] = ..., catalog_version: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "offset", "count", "chunk_index", "chunk_count")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    scores: bytes
+    offset: int
+    count: int
+    chunk_index: int
+    chunk_count: int
+    def __init__(self, scores: _Optional[bytes] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
