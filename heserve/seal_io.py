@@ -89,7 +89,7 @@ def _uncompressed(blob: bytes, max_bytes: int) -> bytes:
     return header + body
 
 
-def _load(target: seal.Ciphertext | seal.GaloisKeys, context: seal.SEALContext, blob: bytes, max_bytes: int) -> None:
+def _load(target: seal.Ciphertext | seal.GaloisKeys | seal.SecretKey, context: seal.SEALContext, blob: bytes, max_bytes: int) -> None:
     raw = _uncompressed(blob, max_bytes)
     with _scratch_file() as path:
         path.write_bytes(raw)
@@ -119,6 +119,13 @@ def load_galois_keys(context: seal.SEALContext, blob: bytes, max_bytes: int) -> 
     keys = seal.GaloisKeys()
     _load(keys, context, blob, max_bytes)
     return keys
+
+
+def load_secret_key(context: seal.SEALContext, blob: bytes, max_bytes: int) -> seal.SecretKey:
+    """Load a SecretKey; used by the client only, from the user's own file."""
+    key = seal.SecretKey()
+    _load(key, context, blob, max_bytes)
+    return key
 
 
 def galois_element(step: int, poly_modulus_degree: int) -> int:

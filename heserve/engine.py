@@ -1,0 +1,164 @@
+"""The encrypted inner loop: W·u over an encrypted query, on SEAL's evaluator.
+
+The catalog's diagonals are encoded once, at the query's level, when a catalog is
+loaded (`encode_catalog`); a query then costs the baby rotations of the query,
+shared by every chunk, plus per chunk d' plaintext multiplications, one rescale
+per giant step and the giant rotations (see packing.py and ENGINE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import tenseal.sealapi as seal
+
+from heserve.packing import DiagonalPlan, FloatArray
+from heserve.params import CkksParameters
+
+Progress = Callable[[int, int], None]
+"""Called as progress(done, total) while long work runs."""
+
+
+class ScoringError(ValueError):
+    """A query the engine cannot score (wrong level, scale, size or transparent)."""
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """The pre-rotated diagonals of up to S rows; None marks an all-zero diagonal."""
+
+    row_count: int
+    diagonals: tuple[seal.Plaintext | None, ...]
+
+
+class ScoringEngine:
+    """Encodes catalogs and scores encrypted queries under one set of parameters."""
+
+    def __init__(self, params: CkksParameters) -> None:
+        self.params = params
+        self.context = params.seal_context()
+        self._encoder = seal.CKKSEncoder(self.context)
+        self._evaluator = seal.Evaluator(self.context)
+        self._query_parms_id = self.context.first_parms_id()
+
+    def encode_rows(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk:
+        """Encode the diagonals of up to S rows at the query's level."""
+        diagonals: list[seal.Plaintext | None] = []
+        for values in plan.diagonals(rows):
+            if not values.any():
+                diagonals.append(None)  # SEAL refuses a zero plaintext; it adds nothing
+                continue
+            plaintext = seal.Plaintext()
+            self._encoder.encode(values.tolist(), self._query_parms_id, self.params.scale, plaintext)
+            diagonals.append(plaintext)
+        if all(d is None for d in diagonals):
+            raise ScoringError(
+                "every embedding in this chunk is zero; an all-zero chunk cannot be scored "
+                "without a transparent (unencrypted) result"
+            )
+        return EncodedChunk(row_count=rows.shape[0], diagonals=tuple(diagonals))
+
+    def encode_catalog(
+        self, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None = None
+    ) -> list[EncodedChunk]:
+        """Encode a whole catalog, chunk by chunk, once."""
+        slots = plan.slot_count
+        total = -(-embeddings.shape[0] // slots)
+        chunks = []
+        for index in range(total):
+            chunks.append(self.encode_rows(plan, embeddings[index * slots : (index + 1) * slots]))
+            if progress is not None:
+                progress(index + 1, total)
+        return chunks
+
+    def check_query(self, query: seal.Ciphertext) -> None:
+        """Refuse a ciphertext this engine cannot score correctly."""
+        if query.parms_id() != self._query_parms_id:
+            raise ScoringError("query is not at the top data level of the server's parameters")
+        if query.size() != 2:
+            raise ScoringError(f"query must have size 2, got {query.size()}")
+        if not query.is_ntt_form():
+            raise ScoringError("query must be in NTT form")
+        if query.is_transparent():
+            raise ScoringError("query is transparent (not encrypted)")
+        if abs(query.scale / self.params.scale - 1) > 1e-6:
+            raise ScoringError(f"query scale must be 2^{self.params.scale_bits}")
+
+    def baby_rotations(
+        self, plan: DiagonalPlan, query: seal.Ciphertext, keys: seal.GaloisKeys
+    ) -> list[seal.Ciphertext]:
+        """rot(q, k) for k = 0 .. b-1, one single-step rotation each."""
+        babies = [query]
+        for _ in range(1, plan.baby_step):
+            rotated = seal.Ciphertext()
+            self._evaluator.rotate_vector(babies[-1], 1, keys, rotated)
+            babies.append(rotated)
+        return babies
+
+    def score_chunk(
+        self,
+        plan: DiagonalPlan,
+        chunk: EncodedChunk,
+        babies: Sequence[seal.Ciphertext],
+        keys: seal.GaloisKeys,
+    ) -> seal.Ciphertext:
+        """One output ciphertext: the scores of the chunk's rows in slots 0 .. rows-1.
+
+        Each inner sum is rescaled before its giant rotation (key switching at the
+        lower level is cheaper), and the giant steps are folded Horner-style so one
+        key (step b) serves them all.
+        """
+        evaluator, b = self._evaluator, plan.baby_step
+        result: seal.Ciphertext | None = None
+        for g in reversed(range(plan.giant_count)):
+            inner: seal.Ciphertext | None = None
+            for k in range(b):
+                plaintext = chunk.diagonals[g * b + k]
+                if plaintext is None:
+                    continue
+                term = seal.Ciphertext()
+                evaluator.multiply_plain(babies[k], plaintext, term)
+                if inner is None:
+                    inner = term
+                else:
+                    evaluator.add_inplace(inner, term)
+            if inner is not None:
+                evaluator.rescale_to_next_inplace(inner)
+            if result is None:
+                result = inner
+                continue
+            evaluator.rotate_vector_inplace(result, b, keys)
+            if inner is not None:
+                evaluator.add_inplace(result, inner)
+        assert result is not None  # encode_rows refuses all-zero chunks
+        return result
+
+    def score(
+        self,
+        plan: DiagonalPlan,
+        chunks: Sequence[EncodedChunk],
+        query: seal.Ciphertext,
+        keys: seal.GaloisKeys,
+    ) -> Iterator[seal.Ciphertext]:
+        """Yield one score ciphertext per chunk, in order, as each completes."""
+        self.check_query(query)
+        babies = self.baby_rotations(plan, query, keys)
+        for chunk in chunks:
+            yield self.score_chunk(plan, chunk, babies, keys)
+
+    def score_rows(
+        self,
+        plan: DiagonalPlan,
+        rows: FloatArray,
+        query: seal.Ciphertext,
+        keys: seal.GaloisKeys,
+    ) -> Iterator[seal.Ciphertext]:
+        """Score arbitrary rows (e.g. re-ranking candidates), encoding them on the fly."""
+        self.check_query(query)
+        babies = self.baby_rotations(plan, query, keys)
+        slots = plan.slot_count
+        for start in range(0, rows.shape[0], slots):
+            chunk = self.encode_rows(plan, rows[start : start + slots])
+            yield self.score_chunk(plan, chunk, babies, keys)
+
