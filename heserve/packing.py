@@ -26,6 +26,23 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
+def query_slots(vector: npt.ArrayLike, dimension: int, slot_count: int) -> FloatArray:
+    """The query layout: `vector` zero-padded to d' and repeated over every slot.
+
+    This is all a client needs of the packing: the server's baby/giant split does
+    not change the query.
+    """
+    u = np.asarray(vector, dtype=np.float64)
+    if u.shape != (dimension,):
+        raise ValueError(f"expected a vector of dimension {dimension}, got shape {u.shape}")
+    padded_dimension = _next_power_of_two(dimension)
+    if slot_count % padded_dimension:
+        raise ValueError(f"dimension {dimension} does not fit {slot_count} slots")
+    padded = np.zeros(padded_dimension)
+    padded[:dimension] = u
+    return np.tile(padded, slot_count // padded_dimension)
+
+
 @dataclass(frozen=True)
 class DiagonalPlan:
     """How one catalog is laid out in slots: padding, chunking and the BSGS split."""
@@ -82,13 +99,8 @@ class DiagonalPlan:
         return (self.baby_step - 1) + chunk_count * (self.giant_count - 1)
 
     def query_slots(self, vector: npt.ArrayLike) -> FloatArray:
-        """The query layout: `vector` zero-padded to d' and repeated over every slot."""
-        u = np.asarray(vector, dtype=np.float64)
-        if u.shape != (self.dimension,):
-            raise ValueError(f"expected a vector of dimension {self.dimension}, got shape {u.shape}")
-        padded = np.zeros(self.padded_dimension)
-        padded[: self.dimension] = u
-        return np.tile(padded, self.slot_count // self.padded_dimension)
+        """The query layout for this plan's dimension; see `query_slots`."""
+        return query_slots(vector, self.dimension, self.slot_count)
 
     def diagonals(self, rows: FloatArray) -> FloatArray:
         """The d' pre-rotated diagonals of up to S rows, as a (d', S) array.

@@ -1,0 +1,311 @@
+"""The heserve client: encrypt a user vector, have a server score it, decrypt, rank.
+
+The secret key stays in this process (or in a file the user names); the server
+only ever receives public Galois keys and ciphertexts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from heserve.errors import KEY_NOT_FOUND
+from heserve.packing import query_slots
+from heserve.params import CkksParameters
+from heserve.v1 import scoring_pb2 as pb
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+from heserve_client._errors import HeserveError, ParameterMismatchError, from_rpc_error
+from heserve_client._secret import SecretContext
+
+T = TypeVar("T")
+_KEY_CHUNK_BYTES = 1 << 20
+_CHANNEL_MESSAGE_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class CatalogInfo:
+    """What the server says about one catalog."""
+
+    name: str
+    version: str
+    dimension: int
+    item_count: int
+    padded_dimension: int
+    items_per_response: int
+
+
+@dataclass
+class TransferStats:
+    """Bytes the client has sent and received, by kind, since it was made."""
+
+    key_bytes_sent: int = 0
+    query_bytes_sent: int = 0
+    score_bytes_received: int = 0
+    last_query_bytes: int = 0
+    last_response_bytes: int = 0
+    registrations: int = 0
+    last_encrypt_seconds: float = 0.0
+    last_score_seconds: float = 0.0
+    last_decrypt_seconds: float = 0.0
+    last_keygen_seconds: float = 0.0
+
+
+@dataclass
+class _Session:
+    """Per-connection state: the secret context and the key_id it registered."""
+
+    secret: SecretContext
+    key_id: str = ""
+    item_ids: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+
+class Client:
+    """A connection to a heserve server. Use as a context manager.
+
+    `key_file`: where to keep the key pair across runs. If the file exists its key
+    pair is used (it must match the server's parameters); if not, a new one is
+    made and saved there. Without it, a fresh key pair lives in memory only.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        timeout: float = 120.0,
+        channel: grpc.Channel | None = None,
+        forget_keys_on_close: bool = True,
+    ) -> None:
+        self.timeout = timeout
+        self.forget_keys_on_close = forget_keys_on_close
+        self.stats = TransferStats()
+        self._channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", _CHANNEL_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _CHANNEL_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.ScoringServiceStub(self._channel)
+        self.server_info: pb.GetServerInfoResponse = self._call(
+            lambda: self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+        )
+        ckks = self.server_info.ckks
+        self.params = CkksParameters(
+            poly_modulus_degree=ckks.poly_modulus_degree,
+            coeff_modulus_bits=tuple(ckks.coeff_modulus_bits),
+            scale_bits=ckks.scale_bits,
+        )
+        self._session = _Session(self._secret_context(key_file))
+        self._catalogs: dict[str, CatalogInfo] = {}
+
+    def _secret_context(self, key_file: str | os.PathLike[str] | None) -> SecretContext:
+        if key_file is None:
+            return SecretContext(self.params)
+        path = Path(key_file)
+        if not path.exists():
+            secret = SecretContext(self.params)
+            secret.save(path)
+            return secret
+        secret = SecretContext.load(path)
+        if secret.params != self.params:
+            raise ParameterMismatchError(
+                f"{path} holds a key pair for {secret.params}, but the server uses {self.params}"
+            )
+        return secret
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ask the server to forget this client's keys (by default), then close."""
+        if self.forget_keys_on_close and self._session.key_id:
+            try:
+                self.delete_keys()
+            except HeserveError:
+                pass  # the server is gone or already forgot: nothing left to erase
+        self._channel.close()
+
+    def _call(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def catalogs(self) -> list[CatalogInfo]:
+        """Every catalog the server serves, fetched page by page."""
+        infos: list[CatalogInfo] = []
+        token = ""
+        while True:
+            page = self._call(
+                lambda: self._stub.ListCatalogs(
+                    pb.ListCatalogsRequest(page_token=token), timeout=self.timeout
+                )
+            )
+            infos.extend(
+                CatalogInfo(
+                    name=c.name,
+                    version=c.version,
+                    dimension=c.dimension,
+                    item_count=c.item_count,
+                    padded_dimension=c.padded_dimension,
+                    items_per_response=c.items_per_response,
+                )
+                for c in page.catalogs
+            )
+            token = page.next_page_token
+            if not token:
+                break
+        self._catalogs = {info.name: info for info in infos}
+        return infos
+
+    def catalog(self, name: str) -> CatalogInfo:
+        """Information on one catalog (cached; refreshed when unknown)."""
+        if name not in self._catalogs:
+            self.catalogs()
+        if name not in self._catalogs:
+            raise HeserveError(f"the server has no catalog named {name!r}", grpc.StatusCode.NOT_FOUND)
+        return self._catalogs[name]
+
+    def item_ids(self, catalog: str) -> list[str]:
+        """All item ids of a catalog in catalog order (cached per catalog version)."""
+        info = self.catalog(catalog)
+        cached = self._session.item_ids.get((catalog, info.version))
+        if cached is not None:
+            return cached
+        ids: list[str] = []
+        token = ""
+        limit = self.server_info.limits.max_page_size
+        while True:
+            page = self._call(
+                lambda: self._stub.ListItems(
+                    pb.ListItemsRequest(catalog=catalog, page_size=limit, page_token=token),
+                    timeout=self.timeout,
+                )
+            )
+            ids.extend(page.item_ids)
+            token = page.next_page_token
+            if not token:
+                break
+        self._session.item_ids[(catalog, info.version)] = ids
+        return ids
+
+    def register_keys(self) -> str:
+        """Upload the public Galois keys the server asks for; returns the key_id."""
+        started = time.perf_counter()
+        blob = self._session.secret.galois_keys(list(self.server_info.ckks.galois_steps))
+        self.stats.last_keygen_seconds = time.perf_counter() - started
+
+        def chunks() -> Iterator[pb.RegisterKeysRequest]:
+            for start in range(0, len(blob), _KEY_CHUNK_BYTES):
+                yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + _KEY_CHUNK_BYTES])
+
+        reply = self._call(lambda: self._stub.RegisterKeys(chunks(), timeout=self.timeout))
+        self.stats.key_bytes_sent += len(blob)
+        self.stats.registrations += 1
+        self._session.key_id = reply.key_id
+        return str(reply.key_id)
+
+    def delete_keys(self) -> bool:
+        """Ask the server to forget this client's keys now (right to erasure)."""
+        if not self._session.key_id:
+            return False
+        key_id, self._session.key_id = self._session.key_id, ""
+        reply = self._call(
+            lambda: self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), timeout=self.timeout)
+        )
+        return bool(reply.deleted)
+
+    def score(
+        self,
+        vector: npt.ArrayLike,
+        *,
+        catalog: str,
+        item_ids: Sequence[str] | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Encrypted scores W·u, decrypted here: in catalog order, or in item_ids order."""
+        info = self.catalog(catalog)
+        u = np.asarray(vector, dtype=np.float64)
+        if u.shape != (info.dimension,):
+            raise ValueError(
+                f"catalog {catalog!r} has dimension {info.dimension}; got a vector of shape {u.shape}"
+            )
+        if not np.isfinite(u).all():
+            raise ValueError("the vector contains NaN or infinity")
+        started = time.perf_counter()
+        query = self._session.secret.encrypt(query_slots(u, info.dimension, self.params.slot_count))
+        self.stats.last_encrypt_seconds = time.perf_counter() - started
+        request = pb.ScoreRequest(
+            catalog=catalog,
+            query=query,
+            item_ids=list(item_ids or []),
+            catalog_version=info.version,
+        )
+        expected = len(item_ids) if item_ids else info.item_count
+        if not self._session.key_id:
+            self.register_keys()
+        try:
+            return self._score_once(request, expected)
+        except HeserveError as error:
+            if error.reason != KEY_NOT_FOUND:
+                raise
+            self.register_keys()  # the server forgot our keys (expiry, restart): once more
+            return self._score_once(request, expected)
+
+    def _score_once(self, request: pb.ScoreRequest, expected: int) -> npt.NDArray[np.float64]:
+        request.key_id = self._session.key_id
+        scores = np.empty(expected)
+        received = 0
+        decrypting = 0.0
+        max_bytes = self.server_info.limits.max_message_bytes
+
+        def consume() -> None:
+            nonlocal received, decrypting
+            for reply in self._stub.Score(request, timeout=self.timeout):
+                if reply.offset + reply.count > expected:
+                    raise HeserveError("the server returned scores past the end of the request")
+                started = time.perf_counter()
+                values = self._session.secret.decrypt(reply.scores, max_bytes)
+                decrypting += time.perf_counter() - started
+                scores[reply.offset : reply.offset + reply.count] = values[: reply.count]
+                received += len(reply.scores)
+
+        started = time.perf_counter()
+        self._call(consume)
+        self.stats.last_decrypt_seconds = decrypting
+        self.stats.last_score_seconds = time.perf_counter() - started - decrypting
+        self.stats.query_bytes_sent += len(request.query)
+        self.stats.last_query_bytes = len(request.query)
+        self.stats.score_bytes_received += received
+        self.stats.last_response_bytes = received
+        return scores
+
+    def recommend(
+        self, vector: npt.ArrayLike, *, catalog: str, k: int = 10
+    ) -> list[tuple[str, float]]:
+        """The k best items for `vector`, best first, ranked here on decrypted scores."""
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        scores = self.score(vector, catalog=catalog)
+        ids = self.item_ids(catalog)
+        k = min(k, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [(ids[i], float(scores[i])) for i in best]

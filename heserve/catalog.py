@@ -1,0 +1,121 @@
+"""Item catalogs: plaintext embeddings with ids, loaded from files or built in.
+
+A catalog is validated when it is made (finite values, bounded row norms, unique
+ids) so that nothing downstream has to wonder; its version is a content hash, so a
+client can tell when the ids it cached went stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from heserve.packing import FloatArray
+
+# Scores come back at scale 2^40 inside a 60-bit prime: |score| must stay well below
+# 2^19. With |u| <= 1 that bounds each row's norm; the bound leaves a wide margin.
+MAX_ROW_NORM = 1024.0
+MAX_ID_BYTES = 256
+DEMO_CATALOG_NAME = "demo"
+
+
+class CatalogError(ValueError):
+    """A catalog file or array that cannot be served."""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """n items × d dimensions of plaintext embeddings, with one id per item."""
+
+    name: str
+    embeddings: FloatArray
+    ids: tuple[str, ...]
+    version: str = field(init=False)
+    _positions: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        emb = self.embeddings
+        if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
+            raise CatalogError(f"catalog {self.name!r}: embeddings must be a non-empty n × d matrix")
+        if not np.isfinite(emb).all():
+            raise CatalogError(f"catalog {self.name!r}: embeddings contain NaN or infinity")
+        largest = float(np.linalg.norm(emb, axis=1).max())
+        if largest > MAX_ROW_NORM:
+            raise CatalogError(
+                f"catalog {self.name!r}: a row has norm {largest:.4g}, above {MAX_ROW_NORM}; "
+                "normalise the embeddings"
+            )
+        if len(self.ids) != emb.shape[0]:
+            raise CatalogError(
+                f"catalog {self.name!r}: {len(self.ids)} ids for {emb.shape[0]} embeddings"
+            )
+        positions = {item_id: i for i, item_id in enumerate(self.ids)}
+        if len(positions) != len(self.ids):
+            raise CatalogError(f"catalog {self.name!r}: item ids are not unique")
+        if any(not item_id or len(item_id.encode()) > MAX_ID_BYTES for item_id in self.ids):
+            raise CatalogError(f"catalog {self.name!r}: ids must be 1 to {MAX_ID_BYTES} bytes")
+        digest = hashlib.sha256(np.ascontiguousarray(emb, dtype="<f8").tobytes())
+        digest.update("\n".join(self.ids).encode())
+        object.__setattr__(self, "embeddings", np.ascontiguousarray(emb, dtype=np.float64))
+        object.__setattr__(self, "version", digest.hexdigest()[:16])
+        object.__setattr__(self, "_positions", positions)
+
+    @property
+    def item_count(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def positions_of(self, item_ids: list[str]) -> list[int]:
+        """Row numbers of these ids; raises KeyError naming the first unknown id."""
+        try:
+            return [self._positions[item_id] for item_id in item_ids]
+        except KeyError as exc:
+            raise KeyError(f"unknown item id {exc.args[0]!r} in catalog {self.name!r}") from None
+
+
+def unit_rows(count: int, dimension: int, seed: int) -> FloatArray:
+    """Deterministic random unit-norm rows, for the demo catalog and tests."""
+    rows = np.random.default_rng(seed).standard_normal((count, dimension))
+    result: FloatArray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return result
+
+
+def demo_catalog(item_count: int = 10_000, dimension: int = 64) -> Catalog:
+    """The embedded default catalog: the same deterministic items on every machine."""
+    ids = tuple(f"item-{i:05d}" for i in range(item_count))
+    return Catalog(DEMO_CATALOG_NAME, unit_rows(item_count, dimension, seed=20261123), ids)
+
+
+def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog:
+    """Load `.npy` (ids from `ids_path`, one per line, else row numbers) or `.npz`.
+
+    An `.npz` holds `embeddings` and `ids` arrays. Pickled objects are never loaded.
+    """
+    try:
+        if path.suffix == ".npz":
+            if ids_path is not None:
+                raise CatalogError(f"{path}: an .npz carries its own ids; drop the ids file")
+            with np.load(path, allow_pickle=False) as archive:
+                if "embeddings" not in archive or "ids" not in archive:
+                    raise CatalogError(f"{path}: an .npz catalog needs 'embeddings' and 'ids'")
+                embeddings = np.asarray(archive["embeddings"], dtype=np.float64)
+                ids = tuple(str(item_id) for item_id in archive["ids"].tolist())
+        elif path.suffix == ".npy":
+            embeddings = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+            if ids_path is None:
+                ids = tuple(str(i) for i in range(embeddings.shape[0] if embeddings.ndim else 0))
+            else:
+                ids = tuple(line.strip() for line in ids_path.read_text().splitlines() if line.strip())
+        else:
+            raise CatalogError(f"{path}: a catalog is an .npy or .npz file")
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CatalogError):
+            raise
+        raise CatalogError(f"{path}: {exc}") from None
+    return Catalog(name, embeddings, ids)

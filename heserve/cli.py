@@ -1,0 +1,205 @@
+"""The `heserve` command: serve, demo, recommend."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from heserve import __version__
+from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
+from heserve.params import DEFAULT_PARAMETERS
+from heserve.progress import ProgressBar
+from heserve.scoring import KeyRetention, Scorer
+from heserve.server import start_server, serve_until_signalled
+
+log = logging.getLogger("heserve")
+
+
+def _name_value(text: str) -> tuple[str, Path]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(value)
+
+
+def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> list[Catalog]:
+    ids_by_name = dict(ids)
+    unknown = set(ids_by_name) - {name for name, _ in specs}
+    if unknown:
+        raise CatalogError(f"--ids names catalogs that no --catalog gives: {sorted(unknown)}")
+    if not specs:
+        return [demo_catalog()]
+    return [load_catalog(name, path, ids_by_name.get(name)) for name, path in specs]
+
+
+def _scorer(catalogs: list[Catalog], retention: KeyRetention) -> Scorer:
+    bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
+    current = iter(catalogs)
+    active = [next(current)]
+
+    def progress(done: int, total: int) -> None:
+        bars[active[0].name](done, total)
+        if done == total:
+            active[0] = next(current, active[0])
+
+    return Scorer(DEFAULT_PARAMETERS, catalogs, retention=retention, progress=progress)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    catalogs = _catalogs(args.catalog, args.ids)
+    retention = KeyRetention(
+        ttl_seconds=args.key_ttl, max_keys=args.max_keys, max_bytes=args.max_key_store_bytes
+    )
+    running = start_server(_scorer(catalogs, retention), args.host, args.port, args.threads)
+    print(f"heserve {__version__} serving {len(catalogs)} catalog(s) on {args.host}:{running.port}")
+    serve_until_signalled(running)
+    return 0
+
+
+def _print_ranking(rows: Sequence[tuple[str, float]]) -> None:
+    for rank, (item_id, score) in enumerate(rows, 1):
+        print(f"{rank:>4}  {item_id:<24} {score:+.6f}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from heserve_client import Client
+
+    vector = np.load(args.vector, allow_pickle=False)
+    with Client(args.server, key_file=args.key_file) as client:
+        _print_ranking(client.recommend(vector, catalog=args.catalog, k=args.k))
+    return 0
+
+
+def _size(count: int) -> str:
+    return f"{count / 1024:,.1f} KiB" if count < 1 << 20 else f"{count / (1 << 20):,.2f} MiB"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from heserve_client import Client
+
+    catalog = demo_catalog(args.items, args.dimension)
+    started = time.perf_counter()
+    scorer = _scorer([catalog], KeyRetention())
+    encode_seconds = time.perf_counter() - started
+    running = start_server(scorer, "127.0.0.1", 0)
+    user = unit_rows(1, args.dimension, seed=args.seed)[0]
+    try:
+        with Client(f"127.0.0.1:{running.port}") as client:
+            started = time.perf_counter()
+            client.register_keys()
+            register_seconds = time.perf_counter() - started - client.stats.last_keygen_seconds
+            started = time.perf_counter()
+            encrypted = client.recommend(user, catalog=catalog.name, k=args.k)
+            recommend_seconds = time.perf_counter() - started
+            stats = client.stats
+    finally:
+        running.stop(grace=1.0)
+
+    plain = catalog.embeddings @ user
+    order = np.argsort(-plain, kind="stable")[: args.k]
+    print(f"\nheserve demo: {catalog.item_count:,} items × {catalog.dimension} dims, top {args.k}")
+    print(f"{'rank':>4}  {'encrypted':<30} {'plaintext':<30} same")
+    for rank, ((item_id, score), index) in enumerate(zip(encrypted, order, strict=True), 1):
+        same = "yes" if item_id == catalog.ids[index] else "NO"
+        print(
+            f"{rank:>4}  {item_id:<12} {score:+.6f}      {catalog.ids[index]:<12} "
+            f"{plain[index]:+.6f}      {same}"
+        )
+    print("\nsteps (seconds)")
+    for label, seconds in [
+        ("server: encode catalog diagonals", encode_seconds),
+        ("client: generate Galois keys", stats.last_keygen_seconds),
+        ("client: register keys (upload)", register_seconds),
+        ("client: encrypt query", stats.last_encrypt_seconds),
+        ("server: score + stream back", stats.last_score_seconds),
+        ("client: decrypt scores", stats.last_decrypt_seconds),
+        ("recommend, end to end", recommend_seconds),
+    ]:
+        print(f"  {label:<36} {seconds:8.3f}")
+    print("\nbytes")
+    print(f"  client -> server  keys   {_size(stats.key_bytes_sent)}")
+    print(f"  client -> server  query  {_size(stats.last_query_bytes)}")
+    print(f"  server -> client  scores {_size(stats.last_response_bytes)}")
+    agree = [item for item, _ in encrypted] == [catalog.ids[i] for i in order]
+    print("\nencrypted ranking equals plaintext ranking:", "yes" if agree else "NO")
+    return 0 if agree else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heserve", description="Privacy-preserving recommendation scoring with CKKS."
+    )
+    parser.add_argument("--version", action="version", version=f"heserve {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC scoring server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=50051, help="port to listen on (0: any)")
+    serve.add_argument(
+        "--catalog",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve an .npy (n × d) or .npz (embeddings, ids) catalog; repeatable. "
+        "Without any, the embedded demo catalog is served",
+    )
+    serve.add_argument(
+        "--ids",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="item ids for an .npy catalog, one per line (default: row numbers)",
+    )
+    serve.add_argument("--key-ttl", type=int, default=3600, help="seconds an unused key lives")
+    serve.add_argument("--max-keys", type=int, default=256, help="most key sets held")
+    serve.add_argument(
+        "--max-key-store-bytes", type=int, default=1 << 30, help="most bytes of keys held"
+    )
+    serve.add_argument("--threads", type=int, default=8, help="gRPC worker threads")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="run a server and a client end to end, in process")
+    demo.add_argument("--items", type=int, default=10_000, help="demo catalog size")
+    demo.add_argument("--dimension", type=int, default=64, help="demo embedding dimension")
+    demo.add_argument("-k", type=int, default=10, help="how many items to recommend")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the demo user vector")
+    demo.set_defaults(handler=cmd_demo)
+
+    recommend = commands.add_parser("recommend", help="recommend items from a running server")
+    recommend.add_argument("--server", required=True, metavar="HOST:PORT")
+    recommend.add_argument("--catalog", required=True)
+    recommend.add_argument("--vector", required=True, type=Path, help="user vector, .npy")
+    recommend.add_argument("-k", type=int, default=10)
+    recommend.add_argument(
+        "--key-file", type=Path, help="keep the key pair in this file across runs"
+    )
+    recommend.set_defaults(handler=cmd_recommend)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        result: int = args.handler(args)
+    except (CatalogError, OSError, ValueError) as exc:
+        print(f"heserve: error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

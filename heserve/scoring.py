@@ -1,0 +1,225 @@
+"""The scoring service's domain: catalogs, keys and queries, checked and scored.
+
+Everything read from the network is bounded and validated here before anything is
+allocated for it or computed from it; each refusal is a `ServiceError` whose
+status the transport puts on the wire. Nothing here logs bytes of a key, a
+ciphertext or a vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from heserve import seal_io
+from heserve.catalog import Catalog
+from heserve.engine import EncodedChunk, Progress, ScoringEngine, ScoringError
+from heserve.errors import (
+    KEY_NOT_FOUND,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from heserve.keystore import KeyStore
+from heserve.packing import DiagonalPlan
+from heserve.params import CkksParameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes the server reads from the network, each bounded before allocation."""
+
+    max_message_bytes: int = 4 << 20
+    max_key_chunk_bytes: int = 1 << 20
+    max_key_bytes: int = 16 << 20
+    max_item_ids: int = 65_536
+    max_page_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class KeyRetention:
+    """How many keys the server holds, and for how long without use."""
+
+    ttl_seconds: int = 3600
+    max_keys: int = 256
+    max_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class ScoredRun:
+    """One output ciphertext and the run of items (offset, count) it covers."""
+
+    scores: bytes
+    offset: int
+    count: int
+    index: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ServedCatalog:
+    """A catalog with its slot layout and its diagonals encoded once."""
+
+    catalog: Catalog
+    plan: DiagonalPlan
+    chunks: tuple[EncodedChunk, ...]
+
+
+class Scorer:
+    """Holds the encoded catalogs and the key store; registers keys and scores queries."""
+
+    def __init__(
+        self,
+        params: CkksParameters,
+        catalogs: Iterable[Catalog],
+        limits: Limits | None = None,
+        retention: KeyRetention | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.params = params
+        self.limits = limits or Limits()
+        self.retention = retention or KeyRetention()
+        self.engine = ScoringEngine(params)
+        self.keys = KeyStore(
+            self.retention.max_keys, self.retention.max_bytes, self.retention.ttl_seconds
+        )
+        served: dict[str, ServedCatalog] = {}
+        for catalog in catalogs:
+            if catalog.name in served:
+                raise ValueError(f"two catalogs are named {catalog.name!r}")
+            plan = DiagonalPlan.for_catalog(
+                catalog.dimension, catalog.item_count, params.slot_count
+            )
+            log.info(
+                "encoding catalog %s: %d items × %d dims, baby step %d",
+                catalog.name, catalog.item_count, catalog.dimension, plan.baby_step,
+            )
+            chunks = self.engine.encode_catalog(plan, catalog.embeddings, progress)
+            served[catalog.name] = ServedCatalog(catalog, plan, tuple(chunks))
+        self.catalogs: Mapping[str, ServedCatalog] = dict(sorted(served.items()))
+        steps = {step for entry in self.catalogs.values() for step in entry.plan.rotation_steps}
+        self.galois_steps = tuple(sorted(steps))
+        self._galois_elements = [
+            seal_io.galois_element(step, params.poly_modulus_degree) for step in self.galois_steps
+        ]
+
+    @property
+    def max_query_bytes(self) -> int:
+        """An unseeded, uncompressed top-level ciphertext plus slack for its header."""
+        data_primes = len(self.params.coeff_modulus_bits) - 1
+        return 2 * self.params.poly_modulus_degree * data_primes * 8 + 4096
+
+    def catalog(self, name: str) -> ServedCatalog:
+        entry = self.catalogs.get(name)
+        if entry is None:
+            raise NotFoundError(f"no catalog named {name!r}")
+        return entry
+
+    def register_keys(self, blob: bytes) -> str:
+        """Validate and store GaloisKeys; the key_id is a hash of the bytes (idempotent)."""
+        key_id = hashlib.sha256(blob).hexdigest()[:32]
+        if self.keys.touch(key_id):
+            return key_id
+        try:
+            keys = seal_io.load_galois_keys(self.engine.context, blob, self.limits.max_key_bytes)
+        except seal_io.PayloadTooLargeError as exc:
+            raise ResourceExhaustedError(f"key upload too large: {exc}") from None
+        except seal_io.SerializationError as exc:
+            raise InvalidArgumentError(
+                f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
+            ) from None
+        missing = [
+            step
+            for step, element in zip(self.galois_steps, self._galois_elements, strict=True)
+            if not keys.has_key(element)
+        ]
+        if missing:
+            raise InvalidArgumentError(
+                f"GaloisKeys do not cover rotation steps {missing}; see GetServerInfo.galois_steps"
+            )
+        self.keys.put(key_id, keys, self._loaded_size(keys))
+        log.info("registered keys %s (%d bytes uploaded)", key_id[:12], len(blob))
+        return key_id
+
+    def _loaded_size(self, keys: seal.GaloisKeys) -> int:
+        """Bytes the loaded keys occupy: per key, one (2 × N × all primes) pair per data prime."""
+        primes = len(self.params.coeff_modulus_bits)
+        per_key = (primes - 1) * 2 * self.params.poly_modulus_degree * primes * 8
+        return max(1, keys.size()) * per_key
+
+    def delete_keys(self, key_id: str) -> bool:
+        return self.keys.delete(key_id)
+
+    def score(
+        self, key_id: str, catalog_name: str, query: bytes, item_ids: list[str], version: str = ""
+    ) -> Iterator[ScoredRun]:
+        """Check the whole request, then yield encrypted score runs in order."""
+        entry = self.catalog(catalog_name)
+        catalog = entry.catalog
+        if version and version != catalog.version:
+            raise FailedPreconditionError(
+                f"catalog {catalog_name!r} is at version {catalog.version}, not {version}"
+            )
+        positions = self._positions(catalog, item_ids)
+        keys = self.keys.get(key_id)
+        if keys is None:
+            raise NotFoundError(
+                f"unknown or expired key_id {key_id[:12]!r}; register keys again",
+                reason=KEY_NOT_FOUND,
+            )
+        ciphertext = self._load_query(query)
+        slots = self.params.slot_count
+        if positions is None:
+            runs = self.engine.score(entry.plan, entry.chunks, ciphertext, keys)
+            count = catalog.item_count
+        else:
+            rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
+            runs = self.engine.score_rows(entry.plan, rows, ciphertext, keys)
+            count = len(positions)
+        total = -(-count // slots)
+        try:
+            for index, scores in enumerate(runs):
+                offset = index * slots
+                yield ScoredRun(
+                    scores=seal_io.to_bytes(scores),
+                    offset=offset,
+                    count=min(slots, count - offset),
+                    index=index,
+                    total=total,
+                )
+        except ScoringError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+
+    def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
+        if not item_ids:
+            return None
+        if len(item_ids) > self.limits.max_item_ids:
+            raise ResourceExhaustedError(
+                f"{len(item_ids)} item ids exceed the limit of {self.limits.max_item_ids}"
+            )
+        if len(set(item_ids)) != len(item_ids):
+            raise InvalidArgumentError("item_ids contains repeated ids")
+        try:
+            return catalog.positions_of(item_ids)
+        except KeyError as exc:
+            raise NotFoundError(str(exc.args[0])) from None
+
+    def _load_query(self, blob: bytes) -> seal.Ciphertext:
+        if not blob:
+            raise InvalidArgumentError("query is empty")
+        try:
+            ciphertext = seal_io.load_ciphertext(self.engine.context, blob, self.max_query_bytes)
+            self.engine.check_query(ciphertext)
+        except seal_io.PayloadTooLargeError as exc:
+            raise ResourceExhaustedError(f"query too large: {exc}") from None
+        except (seal_io.SerializationError, ScoringError) as exc:
+            raise InvalidArgumentError(f"query is not a valid ciphertext for this server: {exc}") from None
+        return ciphertext

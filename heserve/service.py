@@ -1,0 +1,214 @@
+"""gRPC transport: ScoringService requests in, domain calls, statuses out.
+
+This layer only translates: protobuf messages to domain calls on `Scorer`, and
+`ServiceError`s to gRPC status codes with their message. It bounds the streamed
+key upload chunk by chunk, before the bytes are joined.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from heserve import __version__
+from heserve.errors import ERROR_DOMAIN, InvalidArgumentError, ResourceExhaustedError, ServiceError
+from heserve.scoring import Scorer
+from heserve.v1 import scoring_pb2 as pb
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
+_DEFAULT_PAGE_SIZE = 1000
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _abort_on_service_error(handler: Handler) -> Handler:
+    """Turn a ServiceError into the matching gRPC status, for unary and streaming handlers."""
+
+    def abort(context: grpc.ServicerContext, exc: ServiceError) -> None:
+        log.info("%s refused: %s %s", handler.__name__, exc.status, exc)
+        code = getattr(grpc.StatusCode, exc.status)
+        status = status_pb2.Status(code=code.value[0], message=str(exc))
+        if exc.reason:
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
+            status.details.append(detail)
+        context.abort_with_status(rpc_status.to_status(status))
+
+    if inspect.isgeneratorfunction(handler):
+
+        @functools.wraps(handler)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from handler(self, request, context)
+            except ServiceError as exc:
+                abort(context, exc)
+
+        return streaming  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except ServiceError as exc:
+            abort(context, exc)
+
+    return unary  # type: ignore[return-value]
+
+
+def _page(token: str, page_size: int, limit: int, total: int) -> tuple[int, int]:
+    """Start and end of the page a (token, size) pair names; tokens are offsets."""
+    try:
+        start = int(token) if token else 0
+    except ValueError:
+        raise InvalidArgumentError("page_token is not one this server issued") from None
+    if not 0 <= start <= total:
+        raise InvalidArgumentError("page_token is out of range")
+    size = min(page_size or _DEFAULT_PAGE_SIZE, limit)
+    return start, min(total, start + size)
+
+
+class ScoringServicer(pb_grpc.ScoringServiceServicer):
+    """The heserve.v1.ScoringService, backed by a Scorer."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        scorer = self._scorer
+        params, limits, retention = scorer.params, scorer.limits, scorer.retention
+        return pb.GetServerInfoResponse(
+            server_version=__version__,
+            ckks=pb.CkksParameters(
+                poly_modulus_degree=params.poly_modulus_degree,
+                coeff_modulus_bits=list(params.coeff_modulus_bits),
+                scale_bits=params.scale_bits,
+                galois_steps=list(scorer.galois_steps),
+                security_bits=128,
+                slot_count=params.slot_count,
+            ),
+            limits=pb.SizeLimits(
+                max_message_bytes=limits.max_message_bytes,
+                max_key_chunk_bytes=limits.max_key_chunk_bytes,
+                max_key_bytes=limits.max_key_bytes,
+                max_query_bytes=scorer.max_query_bytes,
+                max_item_ids=limits.max_item_ids,
+                max_page_size=limits.max_page_size,
+            ),
+            key_retention=pb.KeyRetentionPolicy(
+                ttl_seconds=retention.ttl_seconds,
+                max_keys=retention.max_keys,
+                max_bytes=retention.max_bytes,
+            ),
+        )
+
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        return self.server_info()
+
+    @_abort_on_service_error
+    def ListCatalogs(
+        self, request: pb.ListCatalogsRequest, context: grpc.ServicerContext
+    ) -> pb.ListCatalogsResponse:
+        entries = list(self._scorer.catalogs.values())
+        start, end = _page(
+            request.page_token, request.page_size, self._scorer.limits.max_page_size, len(entries)
+        )
+        return pb.ListCatalogsResponse(
+            catalogs=[
+                pb.CatalogInfo(
+                    name=entry.catalog.name,
+                    version=entry.catalog.version,
+                    dimension=entry.catalog.dimension,
+                    item_count=entry.catalog.item_count,
+                    padded_dimension=entry.plan.padded_dimension,
+                    items_per_response=entry.plan.slot_count,
+                )
+                for entry in entries[start:end]
+            ],
+            next_page_token=str(end) if end < len(entries) else "",
+        )
+
+    @_abort_on_service_error
+    def ListItems(
+        self, request: pb.ListItemsRequest, context: grpc.ServicerContext
+    ) -> pb.ListItemsResponse:
+        catalog = self._scorer.catalog(request.catalog).catalog
+        start, end = _page(
+            request.page_token,
+            request.page_size,
+            self._scorer.limits.max_page_size,
+            catalog.item_count,
+        )
+        return pb.ListItemsResponse(
+            item_ids=catalog.ids[start:end],
+            next_page_token=str(end) if end < catalog.item_count else "",
+            catalog_version=catalog.version,
+        )
+
+    @_abort_on_service_error
+    def RegisterKeys(
+        self, request_iterator: Iterator[pb.RegisterKeysRequest], context: grpc.ServicerContext
+    ) -> pb.RegisterKeysResponse:
+        limits = self._scorer.limits
+        parts: list[bytes] = []
+        received = 0
+        for request in request_iterator:
+            chunk = request.galois_keys_chunk
+            if len(chunk) > limits.max_key_chunk_bytes:
+                raise InvalidArgumentError(
+                    f"a key chunk of {len(chunk)} bytes exceeds {limits.max_key_chunk_bytes}"
+                )
+            received += len(chunk)
+            if received > limits.max_key_bytes:
+                raise ResourceExhaustedError(
+                    f"key upload exceeds {limits.max_key_bytes} bytes"
+                )
+            parts.append(chunk)
+        if not received:
+            raise InvalidArgumentError("no key bytes were sent")
+        key_id = self._scorer.register_keys(b"".join(parts))
+        return pb.RegisterKeysResponse(
+            key_id=key_id, ttl_seconds=self._scorer.retention.ttl_seconds
+        )
+
+    @_abort_on_service_error
+    def DeleteKeys(
+        self, request: pb.DeleteKeysRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteKeysResponse:
+        if not request.key_id:
+            raise InvalidArgumentError("key_id is empty")
+        return pb.DeleteKeysResponse(deleted=self._scorer.delete_keys(request.key_id))
+
+    @_abort_on_service_error
+    def Score(
+        self, request: pb.ScoreRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ScoreResponse]:
+        runs = self._scorer.score(
+            request.key_id,
+            request.catalog,
+            request.query,
+            list(request.item_ids),
+            request.catalog_version,
+        )
+        for run in runs:
+            if not context.is_active():
+                log.info("Score cancelled by the client after %d responses", run.index)
+                return
+            yield pb.ScoreResponse(
+                scores=run.scores,
+                offset=run.offset,
+                count=run.count,
+                chunk_index=run.index,
+                chunk_count=run.total,
+            )
