@@ -39,7 +39,9 @@ class Catalog:
     def __post_init__(self) -> None:
         emb = self.embeddings
         if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
-            raise CatalogError(f"catalog {self.name!r}: embeddings must be a non-empty n × d matrix")
+            raise CatalogError(
+                f"catalog {self.name!r}: embeddings must be a non-empty n × d matrix"
+            )
         if not np.isfinite(emb).all():
             raise CatalogError(f"catalog {self.name!r}: embeddings contain NaN or infinity")
         largest = float(np.linalg.norm(emb, axis=1).max())
@@ -111,7 +113,9 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
             if ids_path is None:
                 ids = tuple(str(i) for i in range(embeddings.shape[0] if embeddings.ndim else 0))
             else:
-                ids = tuple(line.strip() for line in ids_path.read_text().splitlines() if line.strip())
+                ids = tuple(
+                    line.strip() for line in ids_path.read_text().splitlines() if line.strip()
+                )
         else:
             raise CatalogError(f"{path}: a catalog is an .npy or .npz file")
     except (OSError, ValueError) as exc:

@@ -16,7 +16,7 @@ from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, u
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.progress import ProgressBar
 from heserve.scoring import KeyRetention, Scorer
-from heserve.server import start_server, serve_until_signalled
+from heserve.server import serve_until_signalled, start_server
 
 log = logging.getLogger("heserve")
 

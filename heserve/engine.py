@@ -50,7 +50,9 @@ class ScoringEngine:
                 diagonals.append(None)  # SEAL refuses a zero plaintext; it adds nothing
                 continue
             plaintext = seal.Plaintext()
-            self._encoder.encode(values.tolist(), self._query_parms_id, self.params.scale, plaintext)
+            self._encoder.encode(
+                values.tolist(), self._query_parms_id, self.params.scale, plaintext
+            )
             diagonals.append(plaintext)
         if all(d is None for d in diagonals):
             raise ScoringError(
@@ -161,4 +163,3 @@ class ScoringEngine:
         for start in range(0, rows.shape[0], slots):
             chunk = self.encode_rows(plan, rows[start : start + slots])
             yield self.score_chunk(plan, chunk, babies, keys)
-

@@ -110,7 +110,9 @@ class DiagonalPlan:
         """
         count = rows.shape[0]
         if count > self.slot_count or rows.shape[1] != self.dimension:
-            raise ValueError(f"expected at most {self.slot_count} rows of dimension {self.dimension}")
+            raise ValueError(
+                f"expected at most {self.slot_count} rows of dimension {self.dimension}"
+            )
         d_pad = self.padded_dimension
         block = np.zeros((self.slot_count, d_pad))
         block[:count, : self.dimension] = rows

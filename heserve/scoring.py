@@ -100,7 +100,10 @@ class Scorer:
             )
             log.info(
                 "encoding catalog %s: %d items × %d dims, baby step %d",
-                catalog.name, catalog.item_count, catalog.dimension, plan.baby_step,
+                catalog.name,
+                catalog.item_count,
+                catalog.dimension,
+                plan.baby_step,
             )
             chunks = self.engine.encode_catalog(plan, catalog.embeddings, progress)
             served[catalog.name] = ServedCatalog(catalog, plan, tuple(chunks))
@@ -221,5 +224,7 @@ class Scorer:
         except seal_io.PayloadTooLargeError as exc:
             raise ResourceExhaustedError(f"query too large: {exc}") from None
         except (seal_io.SerializationError, ScoringError) as exc:
-            raise InvalidArgumentError(f"query is not a valid ciphertext for this server: {exc}") from None
+            raise InvalidArgumentError(
+                f"query is not a valid ciphertext for this server: {exc}"
+            ) from None
         return ciphertext

@@ -85,11 +85,18 @@ def _uncompressed(blob: bytes, max_bytes: int) -> bytes:
         raise SerializationError(f"unknown SEAL compression mode {mode}")
     if len(body) > limit:
         raise PayloadTooLargeError(f"payload inflates past {max_bytes} bytes")
-    header = _HEADER.pack(_MAGIC, _HEADER.size, major, minor, _COMPR_NONE, 0, _HEADER.size + len(body))
+    header = _HEADER.pack(
+        _MAGIC, _HEADER.size, major, minor, _COMPR_NONE, 0, _HEADER.size + len(body)
+    )
     return header + body
 
 
-def _load(target: seal.Ciphertext | seal.GaloisKeys | seal.SecretKey, context: seal.SEALContext, blob: bytes, max_bytes: int) -> None:
+def _load(
+    target: seal.Ciphertext | seal.GaloisKeys | seal.SecretKey,
+    context: seal.SEALContext,
+    blob: bytes,
+    max_bytes: int,
+) -> None:
     raw = _uncompressed(blob, max_bytes)
     with _scratch_file() as path:
         path.write_bytes(raw)

@@ -171,9 +171,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 )
             received += len(chunk)
             if received > limits.max_key_bytes:
-                raise ResourceExhaustedError(
-                    f"key upload exceeds {limits.max_key_bytes} bytes"
-                )
+                raise ResourceExhaustedError(f"key upload exceeds {limits.max_key_bytes} bytes")
             parts.append(chunk)
         if not received:
             raise InvalidArgumentError("no key bytes were sent")

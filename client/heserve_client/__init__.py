@@ -1,9 +1,9 @@
 """heserve_client: rank a server's catalog for a user without showing it the user.
 
-    from heserve_client import Client
+from heserve_client import Client
 
-    with Client("127.0.0.1:50051") as client:
-        top = client.recommend(user_vector, catalog="demo", k=10)
+with Client("127.0.0.1:50051") as client:
+    top = client.recommend(user_vector, catalog="demo", k=10)
 """
 
 from heserve_client._client import CatalogInfo, Client, TransferStats

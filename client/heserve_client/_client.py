@@ -6,13 +6,14 @@ only ever receives public Galois keys and ciphertexts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -97,7 +98,7 @@ class Client:
         )
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self.server_info: pb.GetServerInfoResponse = self._call(
-            lambda: self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+            self._stub.GetServerInfo, pb.GetServerInfoRequest(), self.timeout
         )
         ckks = self.server_info.ckks
         self.params = CkksParameters(
@@ -137,15 +138,15 @@ class Client:
     def close(self) -> None:
         """Ask the server to forget this client's keys (by default), then close."""
         if self.forget_keys_on_close and self._session.key_id:
-            try:
+            # the server may be gone or may have forgotten already: nothing left to erase
+            with contextlib.suppress(HeserveError):
                 self.delete_keys()
-            except HeserveError:
-                pass  # the server is gone or already forgot: nothing left to erase
         self._channel.close()
 
-    def _call(self, call: Callable[[], T]) -> T:
+    def _call(self, method: Callable[..., T], *args: Any) -> T:
+        """Call a stub method (or any callable) with a deadline, mapping gRPC errors."""
         try:
-            return call()
+            return method(*args)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -154,11 +155,8 @@ class Client:
         infos: list[CatalogInfo] = []
         token = ""
         while True:
-            page = self._call(
-                lambda: self._stub.ListCatalogs(
-                    pb.ListCatalogsRequest(page_token=token), timeout=self.timeout
-                )
-            )
+            request = pb.ListCatalogsRequest(page_token=token)
+            page = self._call(self._stub.ListCatalogs, request, self.timeout)
             infos.extend(
                 CatalogInfo(
                     name=c.name,
@@ -181,7 +179,9 @@ class Client:
         if name not in self._catalogs:
             self.catalogs()
         if name not in self._catalogs:
-            raise HeserveError(f"the server has no catalog named {name!r}", grpc.StatusCode.NOT_FOUND)
+            raise HeserveError(
+                f"the server has no catalog named {name!r}", grpc.StatusCode.NOT_FOUND
+            )
         return self._catalogs[name]
 
     def item_ids(self, catalog: str) -> list[str]:
@@ -194,12 +194,8 @@ class Client:
         token = ""
         limit = self.server_info.limits.max_page_size
         while True:
-            page = self._call(
-                lambda: self._stub.ListItems(
-                    pb.ListItemsRequest(catalog=catalog, page_size=limit, page_token=token),
-                    timeout=self.timeout,
-                )
-            )
+            request = pb.ListItemsRequest(catalog=catalog, page_size=limit, page_token=token)
+            page = self._call(self._stub.ListItems, request, self.timeout)
             ids.extend(page.item_ids)
             token = page.next_page_token
             if not token:
@@ -215,9 +211,11 @@ class Client:
 
         def chunks() -> Iterator[pb.RegisterKeysRequest]:
             for start in range(0, len(blob), _KEY_CHUNK_BYTES):
-                yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + _KEY_CHUNK_BYTES])
+                yield pb.RegisterKeysRequest(
+                    galois_keys_chunk=blob[start : start + _KEY_CHUNK_BYTES]
+                )
 
-        reply = self._call(lambda: self._stub.RegisterKeys(chunks(), timeout=self.timeout))
+        reply = self._call(self._stub.RegisterKeys, chunks(), self.timeout)
         self.stats.key_bytes_sent += len(blob)
         self.stats.registrations += 1
         self._session.key_id = reply.key_id
@@ -228,9 +226,7 @@ class Client:
         if not self._session.key_id:
             return False
         key_id, self._session.key_id = self._session.key_id, ""
-        reply = self._call(
-            lambda: self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), timeout=self.timeout)
-        )
+        reply = self._call(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id), self.timeout)
         return bool(reply.deleted)
 
     def score(
@@ -245,7 +241,8 @@ class Client:
         u = np.asarray(vector, dtype=np.float64)
         if u.shape != (info.dimension,):
             raise ValueError(
-                f"catalog {catalog!r} has dimension {info.dimension}; got a vector of shape {u.shape}"
+                f"catalog {catalog!r} has dimension {info.dimension}; "
+                f"got a vector of shape {u.shape}"
             )
         if not np.isfinite(u).all():
             raise ValueError("the vector contains NaN or infinity")

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real heserve server on loopback, and clients of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from heserve.catalog import Catalog, unit_rows
+from heserve.params import DEFAULT_PARAMETERS
+from heserve.scoring import KeyRetention, Scorer
+from heserve.server import RunningServer, start_server
+from heserve_client import Client
+
+# Several thousand items, more than one output ciphertext (4,096 slots), and a
+# dimension that is not a power of two.
+BOOKS_ITEMS = 5_000
+BOOKS_DIMENSION = 100
+
+
+def make_catalog(name: str, items: int, dimension: int, seed: int) -> Catalog:
+    return Catalog(name, unit_rows(items, dimension, seed), tuple(f"{name}-{i}" for i in range(items)))
+
+
+@pytest.fixture(scope="session")
+def books() -> Catalog:
+    return make_catalog("books", BOOKS_ITEMS, BOOKS_DIMENSION, seed=1)
+
+
+@pytest.fixture(scope="session")
+def films() -> Catalog:
+    return make_catalog("films", 300, 32, seed=2)
+
+
+@pytest.fixture(scope="session")
+def scorer(books: Catalog, films: Catalog) -> Scorer:
+    return Scorer(DEFAULT_PARAMETERS, [books, films], retention=KeyRetention(ttl_seconds=600))
+
+
+@pytest.fixture(scope="session")
+def server(scorer: Scorer) -> Iterator[RunningServer]:
+    running = start_server(scorer, "127.0.0.1", 0)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+def client(target: str) -> Iterator[Client]:
+    with Client(target) as session_client:
+        yield session_client
+
+
+@pytest.fixture
+def user(books: Catalog) -> np.ndarray:
+    return unit_rows(1, books.dimension, seed=99)[0]
