@@ -57,7 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ttl_seconds=args.key_ttl, max_keys=args.max_keys, max_bytes=args.max_key_store_bytes
     )
     running = start_server(_scorer(catalogs, retention), args.host, args.port, args.threads)
-    print(f"heserve {__version__} serving {len(catalogs)} catalog(s) on {args.host}:{running.port}")
+    print(
+        f"heserve {__version__} serving {len(catalogs)} catalog(s) on {args.host}:{running.port}",
+        flush=True,
+    )
     serve_until_signalled(running)
     return 0
 

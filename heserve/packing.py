@@ -118,7 +118,7 @@ class DiagonalPlan:
         block[:count, : self.dimension] = rows
         slot = np.arange(self.slot_count)[None, :]
         j = np.arange(d_pad)[:, None]
-        diagonals = block[slot, (slot + j) % d_pad]
+        diagonals: FloatArray = block[slot, (slot + j) % d_pad]
         for g in range(1, self.giant_count):
             start = g * self.baby_step
             diagonals[start : start + self.baby_step] = np.roll(

@@ -156,7 +156,7 @@ class Scorer:
         """Bytes the loaded keys occupy: per key, one (2 × N × all primes) pair per data prime."""
         primes = len(self.params.coeff_modulus_bits)
         per_key = (primes - 1) * 2 * self.params.poly_modulus_degree * primes * 8
-        return max(1, keys.size()) * per_key
+        return max(1, int(keys.size())) * per_key
 
     def delete_keys(self, key_id: str) -> bool:
         return self.keys.delete(key_id)

@@ -73,8 +73,10 @@ def _uncompressed(blob: bytes, max_bytes: int) -> bytes:
     if mode == _COMPR_NONE:
         return blob
     if mode == _COMPR_ZLIB:
-        inflater = zlib.decompressobj()
-        body = inflater.decompress(body, limit + 1)
+        try:
+            body = zlib.decompressobj().decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise SerializationError(f"corrupt zlib payload: {exc}") from None
     elif mode == _COMPR_ZSTD:
         try:
             with zstandard.ZstdDecompressor().stream_reader(body) as reader:

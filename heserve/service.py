@@ -77,7 +77,7 @@ def _page(token: str, page_size: int, limit: int, total: int) -> tuple[int, int]
     return start, min(total, start + size)
 
 
-class ScoringServicer(pb_grpc.ScoringServiceServicer):
+class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # untyped stub
     """The heserve.v1.ScoringService, backed by a Scorer."""
 
     def __init__(self, scorer: Scorer) -> None:

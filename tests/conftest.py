@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from heserve_client import Client
 
 from heserve.catalog import Catalog, unit_rows
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import KeyRetention, Scorer
 from heserve.server import RunningServer, start_server
-from heserve_client import Client
 
 # Several thousand items, more than one output ciphertext (4,096 slots), and a
 # dimension that is not a power of two.
@@ -20,7 +20,9 @@ BOOKS_DIMENSION = 100
 
 
 def make_catalog(name: str, items: int, dimension: int, seed: int) -> Catalog:
-    return Catalog(name, unit_rows(items, dimension, seed), tuple(f"{name}-{i}" for i in range(items)))
+    return Catalog(
+        name, unit_rows(items, dimension, seed), tuple(f"{name}-{i}" for i in range(items))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,4 +60,5 @@ def client(target: str) -> Iterator[Client]:
 
 @pytest.fixture
 def user(books: Catalog) -> np.ndarray:
-    return unit_rows(1, books.dimension, seed=99)[0]
+    vector: np.ndarray = unit_rows(1, books.dimension, seed=99)[0]
+    return vector

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from heserve_client import Client
 
 from heserve.catalog import Catalog
-from heserve_client import Client
 
 
 def test_recommend_equals_plaintext_top_k(client: Client, books: Catalog, user: np.ndarray) -> None:
@@ -18,7 +18,9 @@ def test_recommend_equals_plaintext_top_k(client: Client, books: Catalog, user: 
     assert np.allclose([score for _, score in top], np.sort(expected_scores)[::-1][:10], atol=1e-4)
 
 
-def test_scores_match_plaintext_within_1e4(client: Client, books: Catalog, user: np.ndarray) -> None:
+def test_scores_match_plaintext_within_1e4(
+    client: Client, books: Catalog, user: np.ndarray
+) -> None:
     scores = client.score(user, catalog="books")
 
     assert scores.shape == (books.item_count,)

@@ -57,10 +57,11 @@ def from_rpc_error(error: grpc.RpcError) -> HeserveError:
     details = (call.details() if call is not None else None) or str(error)
     reason = ""
     status = rpc_status.from_call(call) if call is not None else None
-    for detail in status.details if status is not None else []:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            reason = info.reason
+    if status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = str(info.reason)
     kind = _BY_CODE.get(code, HeserveError) if code is not None else HeserveError
     label = code.name if code is not None else "ERROR"
     return kind(f"{label}: {details}", code=code, reason=reason)
