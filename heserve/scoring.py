@@ -26,7 +26,7 @@ from heserve.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from heserve.keystore import KeyStore
+from heserve.keystore import KeyStore, KeyTooLargeError
 from heserve.packing import DiagonalPlan
 from heserve.params import CkksParameters
 
@@ -148,7 +148,10 @@ class Scorer:
             raise InvalidArgumentError(
                 f"GaloisKeys do not cover rotation steps {missing}; see GetServerInfo.galois_steps"
             )
-        self.keys.put(key_id, keys, self._loaded_size(keys))
+        try:
+            self.keys.put(key_id, keys, self._loaded_size(keys))
+        except KeyTooLargeError as exc:
+            raise ResourceExhaustedError(f"keys do not fit the key store: {exc}") from None
         log.info("registered keys %s (%d bytes uploaded)", key_id[:12], len(blob))
         return key_id
 

@@ -24,7 +24,12 @@ from heserve.packing import query_slots
 from heserve.params import CkksParameters
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
-from heserve_client._errors import HeserveError, ParameterMismatchError, from_rpc_error
+from heserve_client._errors import (
+    HeserveError,
+    NotFoundError,
+    ParameterMismatchError,
+    from_rpc_error,
+)
 from heserve_client._secret import SecretContext
 
 T = TypeVar("T")
@@ -179,7 +184,7 @@ class Client:
         if name not in self._catalogs:
             self.catalogs()
         if name not in self._catalogs:
-            raise HeserveError(
+            raise NotFoundError(
                 f"the server has no catalog named {name!r}", grpc.StatusCode.NOT_FOUND
             )
         return self._catalogs[name]
