@@ -8,9 +8,10 @@ per giant step and the giant rotations (see packing.py and ENGINE.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from heserve.packing import DiagonalPlan, FloatArray
@@ -30,6 +31,16 @@ class EncodedChunk:
 
     row_count: int
     diagonals: tuple[seal.Plaintext | None, ...]
+
+
+Chunk = EncodedChunk | FloatArray
+"""A chunk of up to S rows: encoded ahead of time, or rows to encode per query."""
+
+
+def encoded_chunk_bytes(params: CkksParameters, plan: DiagonalPlan) -> int:
+    """Memory one encoded chunk takes: d' plaintexts of N coefficients per data prime."""
+    data_primes = len(params.coeff_modulus_bits) - 1
+    return plan.padded_dimension * params.poly_modulus_degree * data_primes * 8
 
 
 class ScoringEngine:
@@ -62,14 +73,27 @@ class ScoringEngine:
         return EncodedChunk(row_count=rows.shape[0], diagonals=tuple(diagonals))
 
     def encode_catalog(
-        self, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None = None
-    ) -> list[EncodedChunk]:
-        """Encode a whole catalog, chunk by chunk, once."""
+        self,
+        plan: DiagonalPlan,
+        embeddings: FloatArray,
+        progress: Progress | None = None,
+        memory_budget: int | None = None,
+    ) -> list[Chunk]:
+        """Encode a catalog's chunks once, in order, while they fit `memory_budget` bytes.
+
+        Chunks past the budget stay as rows and are encoded on the fly per query:
+        slower, but a catalog larger than memory still serves.
+        """
         slots = plan.slot_count
         total = -(-embeddings.shape[0] // slots)
-        chunks = []
+        budget = memory_budget if memory_budget is not None else float("inf")
+        chunks: list[Chunk] = []
         for index in range(total):
-            chunks.append(self.encode_rows(plan, embeddings[index * slots : (index + 1) * slots]))
+            rows = embeddings[index * slots : (index + 1) * slots]
+            if (index + 1) * encoded_chunk_bytes(self.params, plan) <= budget:
+                chunks.append(self.encode_rows(plan, rows))
+            else:
+                chunks.append(np.ascontiguousarray(rows))
             if progress is not None:
                 progress(index + 1, total)
         return chunks
@@ -139,27 +163,17 @@ class ScoringEngine:
     def score(
         self,
         plan: DiagonalPlan,
-        chunks: Sequence[EncodedChunk],
+        chunks: Iterable[Chunk],
         query: seal.Ciphertext,
         keys: seal.GaloisKeys,
     ) -> Iterator[seal.Ciphertext]:
-        """Yield one score ciphertext per chunk, in order, as each completes."""
+        """Yield one score ciphertext per chunk, in order, as each completes.
+
+        A chunk given as rows (past the memory budget, or re-ranking candidates) is
+        encoded on the fly.
+        """
         self.check_query(query)
         babies = self.baby_rotations(plan, query, keys)
         for chunk in chunks:
-            yield self.score_chunk(plan, chunk, babies, keys)
-
-    def score_rows(
-        self,
-        plan: DiagonalPlan,
-        rows: FloatArray,
-        query: seal.Ciphertext,
-        keys: seal.GaloisKeys,
-    ) -> Iterator[seal.Ciphertext]:
-        """Score arbitrary rows (e.g. re-ranking candidates), encoding them on the fly."""
-        self.check_query(query)
-        babies = self.baby_rotations(plan, query, keys)
-        slots = plan.slot_count
-        for start in range(0, rows.shape[0], slots):
-            chunk = self.encode_rows(plan, rows[start : start + slots])
-            yield self.score_chunk(plan, chunk, babies, keys)
+            encoded = chunk if isinstance(chunk, EncodedChunk) else self.encode_rows(plan, chunk)
+            yield self.score_chunk(plan, encoded, babies, keys)

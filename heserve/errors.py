@@ -39,3 +39,9 @@ class ResourceExhaustedError(ServiceError):
 
 class FailedPreconditionError(ServiceError):
     status = "FAILED_PRECONDITION"
+
+
+class UnavailableError(ServiceError):
+    """Transient: retrying may work (e.g. a worker process died mid-query)."""
+
+    status = "UNAVAILABLE"

@@ -13,8 +13,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-import tenseal.sealapi as seal
+K = TypeVar("K")
 
 
 class KeyTooLargeError(ValueError):
@@ -22,14 +23,18 @@ class KeyTooLargeError(ValueError):
 
 
 @dataclass
-class _Entry:
-    keys: seal.GaloisKeys
+class _Entry(Generic[K]):
+    keys: K
     size: int
     last_used: float
 
 
-class KeyStore:
-    """Thread-safe map of key_id to GaloisKeys, bounded by count, bytes and idle time."""
+class KeyStore(Generic[K]):
+    """Thread-safe map of key_id to keys, bounded by count, bytes and idle time.
+
+    `on_drop(key_id)` is called for every key that leaves the store (evicted,
+    expired or deleted), so copies elsewhere (worker processes) can follow.
+    """
 
     def __init__(
         self,
@@ -37,6 +42,7 @@ class KeyStore:
         max_bytes: int,
         ttl_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         if max_keys < 1 or max_bytes < 1 or ttl_seconds <= 0:
             raise ValueError("key store bounds must be positive")
@@ -44,17 +50,18 @@ class KeyStore:
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._on_drop = on_drop
+        self._entries: OrderedDict[str, _Entry[K]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, key_id: str, keys: seal.GaloisKeys, size: int) -> None:
+    def put(self, key_id: str, keys: K, size: int) -> None:
         """Store (or refresh) keys, evicting the least recently used to make room."""
         if size > self.max_bytes:
             raise KeyTooLargeError(f"keys of {size} bytes exceed the store's {self.max_bytes}")
         with self._lock:
             self._expire()
-            self._discard(key_id)
+            self._discard(key_id, notify=False)
             while self._entries and (
                 len(self._entries) >= self.max_keys or self._bytes + size > self.max_bytes
             ):
@@ -62,7 +69,7 @@ class KeyStore:
             self._entries[key_id] = _Entry(keys, size, self._clock())
             self._bytes += size
 
-    def get(self, key_id: str) -> seal.GaloisKeys | None:
+    def get(self, key_id: str) -> K | None:
         """The keys for key_id, marking them used, or None if unknown or expired."""
         with self._lock:
             self._expire()
@@ -93,11 +100,13 @@ class KeyStore:
             self._expire()
             return self._bytes
 
-    def _discard(self, key_id: str) -> bool:
+    def _discard(self, key_id: str, notify: bool = True) -> bool:
         entry = self._entries.pop(key_id, None)
         if entry is None:
             return False
         self._bytes -= entry.size
+        if notify and self._on_drop is not None:
+            self._on_drop(key_id)
         return True
 
     def _expire(self) -> None:

@@ -61,15 +61,17 @@ class DiagonalPlan:
             raise ValueError("baby_step must divide the padded dimension")
 
     @classmethod
-    def for_catalog(cls, dimension: int, item_count: int, slot_count: int) -> DiagonalPlan:
+    def for_catalog(
+        cls, dimension: int, item_count: int, slot_count: int, shards: int = 1
+    ) -> DiagonalPlan:
         """Choose the baby step that minimises rotations for this catalog's shape.
 
-        A query costs (b - 1) baby rotations, shared by all C chunks, plus
-        C * (d'/b - 1) giant rotations; ties go to the larger b (fewer per-chunk
-        rotations, so per-chunk work parallelises better).
+        A query costs each shard (b - 1) baby rotations, shared by its C chunks,
+        plus C * (d'/b - 1) giant rotations; shards run in parallel, so C is the
+        chunks per shard. Ties go to the larger b (fewer per-chunk rotations).
         """
         padded = _next_power_of_two(dimension)
-        chunks = max(1, -(-item_count // slot_count))
+        chunks = max(1, -(-item_count // (slot_count * max(1, shards))))
         candidates = [1 << e for e in range(padded.bit_length())]
         best = min(candidates, key=lambda b: ((b - 1) + chunks * (padded // b - 1), -b))
         return cls(dimension=dimension, slot_count=slot_count, baby_step=best)

@@ -17,14 +17,16 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from heserve import seal_io
+from heserve.backend import LocalBackend, ScoringBackend, Sealed, ShardUnavailableError
 from heserve.catalog import Catalog
-from heserve.engine import EncodedChunk, Progress, ScoringEngine, ScoringError
+from heserve.engine import Progress, ScoringEngine, ScoringError
 from heserve.errors import (
     KEY_NOT_FOUND,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from heserve.keystore import KeyStore, KeyTooLargeError
 from heserve.packing import DiagonalPlan
@@ -66,15 +68,18 @@ class ScoredRun:
 
 @dataclass(frozen=True)
 class ServedCatalog:
-    """A catalog with its slot layout and its diagonals encoded once."""
+    """A catalog with its slot layout; its encoded chunks live in the backend."""
 
     catalog: Catalog
     plan: DiagonalPlan
-    chunks: tuple[EncodedChunk, ...]
 
 
 class Scorer:
-    """Holds the encoded catalogs and the key store; registers keys and scores queries."""
+    """Validates requests, owns the key store, and scores through a backend.
+
+    The backend holds the encoded catalogs (in process by default, or sharded
+    over worker processes); re-ranking subsets are encoded on the fly here.
+    """
 
     def __init__(
         self,
@@ -83,20 +88,25 @@ class Scorer:
         limits: Limits | None = None,
         retention: KeyRetention | None = None,
         progress: Progress | None = None,
+        backend: ScoringBackend | None = None,
     ) -> None:
         self.params = params
         self.limits = limits or Limits()
         self.retention = retention or KeyRetention()
         self.engine = ScoringEngine(params)
-        self.keys = KeyStore(
-            self.retention.max_keys, self.retention.max_bytes, self.retention.ttl_seconds
+        self.backend: ScoringBackend = backend or LocalBackend(params)
+        self.keys: KeyStore[Sealed[seal.GaloisKeys]] = KeyStore(
+            self.retention.max_keys,
+            self.retention.max_bytes,
+            self.retention.ttl_seconds,
+            on_drop=self.backend.forget_keys,
         )
         served: dict[str, ServedCatalog] = {}
         for catalog in catalogs:
             if catalog.name in served:
                 raise ValueError(f"two catalogs are named {catalog.name!r}")
             plan = DiagonalPlan.for_catalog(
-                catalog.dimension, catalog.item_count, params.slot_count
+                catalog.dimension, catalog.item_count, params.slot_count, self.backend.shard_count
             )
             log.info(
                 "encoding catalog %s: %d items × %d dims, baby step %d",
@@ -105,8 +115,8 @@ class Scorer:
                 catalog.dimension,
                 plan.baby_step,
             )
-            chunks = self.engine.encode_catalog(plan, catalog.embeddings, progress)
-            served[catalog.name] = ServedCatalog(catalog, plan, tuple(chunks))
+            self.backend.add_catalog(catalog.name, plan, catalog.embeddings, progress)
+            served[catalog.name] = ServedCatalog(catalog, plan)
         self.catalogs: Mapping[str, ServedCatalog] = dict(sorted(served.items()))
         steps = {step for entry in self.catalogs.values() for step in entry.plan.rotation_steps}
         self.galois_steps = tuple(sorted(steps))
@@ -149,7 +159,7 @@ class Scorer:
                 f"GaloisKeys do not cover rotation steps {missing}; see GetServerInfo.galois_steps"
             )
         try:
-            self.keys.put(key_id, keys, self._loaded_size(keys))
+            self.keys.put(key_id, Sealed(blob, keys), len(blob) + self._loaded_size(keys))
         except KeyTooLargeError as exc:
             raise ResourceExhaustedError(f"keys do not fit the key store: {exc}") from None
         log.info("registered keys %s (%d bytes uploaded)", key_id[:12], len(blob))
@@ -181,21 +191,23 @@ class Scorer:
                 f"unknown or expired key_id {key_id[:12]!r}; register keys again",
                 reason=KEY_NOT_FOUND,
             )
-        ciphertext = self._load_query(query)
+        ciphertext = Sealed(query, self._load_query(query))
         slots = self.params.slot_count
         if positions is None:
-            runs = self.engine.score(entry.plan, entry.chunks, ciphertext, keys)
+            runs = self.backend.score(catalog_name, key_id, keys, ciphertext)
             count = catalog.item_count
         else:
             rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
-            runs = self.engine.score_rows(entry.plan, rows, ciphertext, keys)
+            chunks = [rows[start : start + slots] for start in range(0, len(positions), slots)]
+            results = self.engine.score(entry.plan, chunks, ciphertext.value, keys.value)
+            runs = (seal_io.to_bytes(scores) for scores in results)
             count = len(positions)
         total = -(-count // slots)
         try:
             for index, scores in enumerate(runs):
                 offset = index * slots
                 yield ScoredRun(
-                    scores=seal_io.to_bytes(scores),
+                    scores=scores,
                     offset=offset,
                     count=min(slots, count - offset),
                     index=index,
@@ -203,6 +215,8 @@ class Scorer:
                 )
         except ScoringError as exc:
             raise InvalidArgumentError(str(exc)) from None
+        except ShardUnavailableError as exc:
+            raise UnavailableError(f"{exc}; retry the query") from None
 
     def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
         if not item_ids:

@@ -1,0 +1,92 @@
+"""The process pool backend: shards in worker processes score like the local backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from heserve.catalog import Catalog, unit_rows
+from heserve.packing import query_slots
+from heserve.params import DEFAULT_PARAMETERS
+from heserve.scoring import Scorer
+from heserve.workers import ProcessBackend
+from heserve_client import SecretContext
+
+# 3 chunks of 4,096 slots, so two workers hold unequal shards (chunks 0, 2 and 1).
+ITEMS, DIMENSION = 9_000, 48
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog("pool", unit_rows(ITEMS, DIMENSION, 5), tuple(str(i) for i in range(ITEMS)))
+
+
+@pytest.fixture(scope="module")
+def pooled(catalog: Catalog) -> Iterator[Scorer]:
+    # A memory budget of one encoded chunk per worker: the rest is encoded per query.
+    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2, memory_budget=2 * 48 * 8192 * 16 * 2)
+    scorer = Scorer(DEFAULT_PARAMETERS, [catalog], backend=backend)
+    yield scorer
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def secret() -> SecretContext:
+    return SecretContext(DEFAULT_PARAMETERS)
+
+
+def _scores(scorer: Scorer, secret: SecretContext, key_id: str, vector: np.ndarray) -> np.ndarray:
+    query = secret.encrypt(query_slots(vector, DIMENSION, DEFAULT_PARAMETERS.slot_count))
+    runs = list(scorer.score(key_id, "pool", query, []))
+    assert [(r.offset, r.count, r.index, r.total) for r in runs] == [
+        (0, 4096, 0, 3),
+        (4096, 4096, 1, 3),
+        (8192, ITEMS - 8192, 2, 3),
+    ]
+    return np.concatenate([secret.decrypt(r.scores, 1 << 22)[: r.count] for r in runs])
+
+
+def test_pool_scores_equal_plaintext_and_local(
+    pooled: Scorer, catalog: Catalog, secret: SecretContext
+) -> None:
+    local = Scorer(DEFAULT_PARAMETERS, [catalog])
+    vector = unit_rows(1, DIMENSION, 6)[0]
+    pooled_scores = _scores(
+        pooled, secret, pooled.register_keys(secret_keys(pooled, secret)), vector
+    )
+    local_scores = _scores(local, secret, local.register_keys(secret_keys(local, secret)), vector)
+
+    assert np.abs(pooled_scores - catalog.embeddings @ vector).max() < 1e-4
+    assert np.abs(pooled_scores - local_scores).max() < 1e-4
+
+
+def secret_keys(scorer: Scorer, secret: SecretContext) -> bytes:
+    return secret.galois_keys(scorer.galois_steps)
+
+
+def test_concurrent_queries_each_get_their_own_scores(
+    pooled: Scorer, catalog: Catalog, secret: SecretContext
+) -> None:
+    key_id = pooled.register_keys(secret_keys(pooled, secret))
+    vectors = unit_rows(4, DIMENSION, 8)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda v: _scores(pooled, secret, key_id, v), vectors))
+
+    for vector, scores in zip(vectors, results, strict=True):
+        assert np.abs(scores - catalog.embeddings @ vector).max() < 1e-4
+
+
+def test_deleted_keys_leave_the_workers(pooled: Scorer, secret: SecretContext) -> None:
+    key_id = pooled.register_keys(secret_keys(pooled, secret))
+    _scores(pooled, secret, key_id, unit_rows(1, DIMENSION, 9)[0])
+    backend = pooled.backend
+    assert isinstance(backend, ProcessBackend)
+    assert all(key_id in worker.keys_held for worker in backend._workers)
+
+    pooled.delete_keys(key_id)
+
+    assert not any(key_id in worker.keys_held for worker in backend._workers)
