@@ -15,9 +15,9 @@ import numpy as np
 
 from heserve.packing import FloatArray
 
-# Scores come back at scale 2^40 inside a 60-bit prime: |score| must stay well below
-# 2^19. With |u| <= 1 that bounds each row's norm; the bound leaves a wide margin.
-MAX_ROW_NORM = 1024.0
+# Every preset leaves scores at least 8 bits of headroom (|score| < 128); with a
+# user vector of norm <= 1, rows of norm <= 64 keep a factor of two in reserve.
+MAX_ROW_NORM = 64.0
 MAX_ID_BYTES = 256
 DEMO_CATALOG_NAME = "demo"
 

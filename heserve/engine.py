@@ -131,9 +131,9 @@ class ScoringEngine:
     ) -> seal.Ciphertext:
         """One output ciphertext: the scores of the chunk's rows in slots 0 .. rows-1.
 
-        Each inner sum is rescaled before its giant rotation (key switching at the
-        lower level is cheaper), and the giant steps are folded Horner-style so one
-        key (step b) serves them all.
+        Each inner sum is rescaled (when the parameters have a prime to drop) before
+        its giant rotation, as key switching at the lower level is cheaper; the giant
+        steps are folded Horner-style so one key (step b) serves them all.
         """
         evaluator, b = self._evaluator, plan.baby_step
         result: seal.Ciphertext | None = None
@@ -149,7 +149,7 @@ class ScoringEngine:
                     inner = term
                 else:
                     evaluator.add_inplace(inner, term)
-            if inner is not None:
+            if inner is not None and self.params.rescales:
                 evaluator.rescale_to_next_inplace(inner)
             if result is None:
                 result = inner

@@ -15,6 +15,9 @@ import tenseal.sealapi as seal
 # Largest total coefficient modulus (bits) for 128-bit classical security with a
 # ternary secret, per ring degree (HomomorphicEncryption.org standard, as in SEAL).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# Scores must stay below 2^headroom in magnitude; 8 bits allows |score| < 128 with
+# a margin (catalog rows are bounded, see catalog.MAX_ROW_NORM).
+MIN_HEADROOM_BITS = 8
 
 
 class InsecureParametersError(ValueError):
@@ -26,15 +29,20 @@ class CkksParameters:
     """The encryption parameters a client and a server agree on.
 
     `coeff_modulus_bits` lists the data primes first and the special prime last,
-    as SEAL expects. The query lives at the top data level; scoring uses one
-    multiply_plain and one rescale, so at least two data primes are needed.
+    as SEAL expects. The query is encrypted at the top data level with scale
+    2^scale_bits; catalog diagonals are encoded at 2^catalog_scale_bits. With two
+    or more data primes the products are rescaled once (dropping the last data
+    prime); with one there is no rescale and the product scale must fit q0.
     """
 
     poly_modulus_degree: int
     coeff_modulus_bits: tuple[int, ...]
     scale_bits: int
+    catalog_scale_bits: int = 0  # 0: the same as scale_bits
 
     def __post_init__(self) -> None:
+        if self.catalog_scale_bits == 0:
+            object.__setattr__(self, "catalog_scale_bits", self.scale_bits)
         limit = MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
         if limit is None:
             raise InsecureParametersError(
@@ -47,17 +55,40 @@ class CkksParameters:
                 f"coefficient modulus of {total} bits exceeds the 128-bit security bound of "
                 f"{limit} bits for N={self.poly_modulus_degree}"
             )
-        if len(self.coeff_modulus_bits) < 3:
-            raise InsecureParametersError(
-                "need at least two data primes and one special prime "
-                f"(got {len(self.coeff_modulus_bits)} primes)"
-            )
+        if len(self.coeff_modulus_bits) < 2:
+            raise InsecureParametersError("need at least one data prime and one special prime")
         if not all(20 <= b <= 60 for b in self.coeff_modulus_bits):
             raise InsecureParametersError("every prime must have 20 to 60 bits")
-        if not 20 <= self.scale_bits < self.coeff_modulus_bits[0]:
+        if min(self.scale_bits, self.catalog_scale_bits) < 20:
+            raise InsecureParametersError("scales below 2^20 lose too much precision")
+        data_bits = sum(self.coeff_modulus_bits[:-1])
+        if self.scale_bits + self.catalog_scale_bits + MIN_HEADROOM_BITS > data_bits:
+            raise InsecureParametersError("the product of the scales does not fit the data primes")
+        if self.score_headroom_bits < MIN_HEADROOM_BITS:
             raise InsecureParametersError(
-                "scale_bits must be at least 20 and below the first prime's bit size"
+                f"scores keep only {self.score_headroom_bits} bits of headroom in the "
+                f"first prime; need {MIN_HEADROOM_BITS}"
             )
+
+    @property
+    def data_prime_count(self) -> int:
+        return len(self.coeff_modulus_bits) - 1
+
+    @property
+    def rescales(self) -> bool:
+        """Whether scoring rescales its products (needs a second data prime)."""
+        return self.data_prime_count >= 2
+
+    @property
+    def result_scale_bits(self) -> int:
+        """log2 of the scale the score ciphertexts come back at (approximately)."""
+        dropped = self.coeff_modulus_bits[self.data_prime_count - 1] if self.rescales else 0
+        return self.scale_bits + self.catalog_scale_bits - dropped
+
+    @property
+    def score_headroom_bits(self) -> int:
+        """Bits left above the result scale in the first prime: |score| < 2^headroom."""
+        return self.coeff_modulus_bits[0] - self.result_scale_bits - 1
 
     @property
     def slot_count(self) -> int:
@@ -66,8 +97,13 @@ class CkksParameters:
 
     @property
     def scale(self) -> float:
-        """The encoding scale, 2^scale_bits."""
+        """The query's encoding scale, 2^scale_bits."""
         return float(2**self.scale_bits)
+
+    @property
+    def catalog_scale(self) -> float:
+        """The catalog diagonals' encoding scale, 2^catalog_scale_bits."""
+        return float(2**self.catalog_scale_bits)
 
     def seal_context(self) -> seal.SEALContext:
         """Build the SEAL context; SEAL re-checks 128-bit security itself."""
@@ -84,10 +120,19 @@ class CkksParameters:
         return context
 
 
-# N = 8192 with data primes 60 + 40 and special prime 60: 160 of 218 allowed bits.
-# The query is encrypted at scale 2^40 over both data primes; after multiply_plain
-# the scores are rescaled by the 40-bit prime back to ~2^40 inside the 60-bit one,
-# leaving 20 bits of headroom for the score magnitude.
-DEFAULT_PARAMETERS = CkksParameters(
-    poly_modulus_degree=8192, coeff_modulus_bits=(60, 40, 60), scale_bits=40
-)
+# Named presets, all inside the 128-bit table. Precision and speed are measured
+# per preset by the benchmark harness (bench/) and listed in the README.
+PRESETS: dict[str, CkksParameters] = {
+    # N = 8192, data primes 60 + 40, special 60 (160 of 218 bits). Query and catalog
+    # at 2^40; the product is rescaled by the 40-bit prime back to ~2^40 inside the
+    # 60-bit one: ~1e-6 error, 19 bits of score headroom.
+    "precise": CkksParameters(8192, (60, 40, 60), scale_bits=40, catalog_scale_bits=40),
+    # N = 8192, one 60-bit data prime, special 60 (120 bits). Query and catalog at
+    # 2^25, no rescale: half the multiplications, key-switch work and query bytes.
+    "fast": CkksParameters(8192, (60, 60), scale_bits=25, catalog_scale_bits=25),
+    # N = 4096, one 54-bit data prime, special 54 (108 of 109 bits): the smallest
+    # keys and queries, 2,048 items per response.
+    "compact": CkksParameters(4096, (54, 54), scale_bits=22, catalog_scale_bits=22),
+}
+DEFAULT_PRESET = "precise"
+DEFAULT_PARAMETERS = PRESETS[DEFAULT_PRESET]

@@ -30,7 +30,7 @@ from heserve.errors import (
 )
 from heserve.keystore import KeyStore, KeyTooLargeError
 from heserve.packing import DiagonalPlan
-from heserve.params import CkksParameters
+from heserve.params import PRESETS, CkksParameters
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Scorer:
         backend: ScoringBackend | None = None,
     ) -> None:
         self.params = params
+        self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
         self.limits = limits or Limits()
         self.retention = retention or KeyRetention()
         self.engine = ScoringEngine(params)

@@ -95,6 +95,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
                 galois_steps=list(scorer.galois_steps),
                 security_bits=128,
                 slot_count=params.slot_count,
+                catalog_scale_bits=params.catalog_scale_bits,
+                preset=scorer.preset,
             ),
             limits=pb.SizeLimits(
                 max_message_bytes=limits.max_message_bytes,

@@ -110,6 +110,7 @@ class Client:
             poly_modulus_degree=ckks.poly_modulus_degree,
             coeff_modulus_bits=tuple(ckks.coeff_modulus_bits),
             scale_bits=ckks.scale_bits,
+            catalog_scale_bits=ckks.catalog_scale_bits,
         )
         self._session = _Session(self._secret_context(key_file))
         self._catalogs: dict[str, CatalogInfo] = {}

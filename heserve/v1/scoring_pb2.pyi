@@ -23,20 +23,24 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, server_version: _Optional[str] = ..., ckks: _Optional[_Union[CkksParameters, _Mapping]] = ..., limits: _Optional[_Union[SizeLimits, _Mapping]] = ..., key_retention: _Optional[_Union[KeyRetentionPolicy, _Mapping]] = ...) -> None: ...
 
 class CkksParameters(_message.Message):
-    __slots__ = ("poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "galois_steps", "security_bits", "slot_count")
+    __slots__ = ("poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "galois_steps", "security_bits", "slot_count", "catalog_scale_bits", "preset")
     POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
     COEFF_MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
     SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
     GALOIS_STEPS_FIELD_NUMBER: _ClassVar[int]
     SECURITY_BITS_FIELD_NUMBER: _ClassVar[int]
     SLOT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
     poly_modulus_degree: int
     coeff_modulus_bits: _containers.RepeatedScalarFieldContainer[int]
     scale_bits: int
     galois_steps: _containers.RepeatedScalarFieldContainer[int]
     security_bits: int
     slot_count: int
-    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., security_bits: _Optional[int] = ..., slot_count: _Optional[int] = ...) -> None: ...
+    catalog_scale_bits: int
+    preset: str
+    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., security_bits: _Optional[int] = ..., slot_count: _Optional[int] = ..., catalog_scale_bits: _Optional[int] = ..., preset: _Optional[str] = ...) -> None: ...
 
 class SizeLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size")
