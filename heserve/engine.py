@@ -62,7 +62,7 @@ class ScoringEngine:
                 continue
             plaintext = seal.Plaintext()
             self._encoder.encode(
-                values.tolist(), self._query_parms_id, self.params.scale, plaintext
+                values.tolist(), self._query_parms_id, self.params.catalog_scale, plaintext
             )
             diagonals.append(plaintext)
         if all(d is None for d in diagonals):
