@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from heserve import __version__
+from heserve.backend import LocalBackend, ScoringBackend
 from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
-from heserve.params import DEFAULT_PARAMETERS
+from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
 from heserve.progress import ProgressBar
 from heserve.scoring import KeyRetention, Scorer
 from heserve.server import serve_until_signalled, start_server
+from heserve.workers import ProcessBackend
 
 log = logging.getLogger("heserve")
 
@@ -38,7 +41,19 @@ def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> lis
     return [load_catalog(name, path, ids_by_name.get(name)) for name, path in specs]
 
 
-def _scorer(catalogs: list[Catalog], retention: KeyRetention) -> Scorer:
+def _backend(args: argparse.Namespace, params: CkksParameters) -> ScoringBackend:
+    budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
+    if args.workers == 0:
+        return LocalBackend(params, budget)
+    return ProcessBackend(params, args.workers, budget)
+
+
+def _scorer(
+    catalogs: list[Catalog],
+    retention: KeyRetention,
+    params: CkksParameters,
+    backend: ScoringBackend,
+) -> Scorer:
     bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
     current = iter(catalogs)
     active = [next(current)]
@@ -48,7 +63,7 @@ def _scorer(catalogs: list[Catalog], retention: KeyRetention) -> Scorer:
         if done == total:
             active[0] = next(current, active[0])
 
-    return Scorer(DEFAULT_PARAMETERS, catalogs, retention=retention, progress=progress)
+    return Scorer(params, catalogs, retention=retention, progress=progress, backend=backend)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,12 +71,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     retention = KeyRetention(
         ttl_seconds=args.key_ttl, max_keys=args.max_keys, max_bytes=args.max_key_store_bytes
     )
-    running = start_server(_scorer(catalogs, retention), args.host, args.port, args.threads)
-    print(
-        f"heserve {__version__} serving {len(catalogs)} catalog(s) on {args.host}:{running.port}",
-        flush=True,
-    )
-    serve_until_signalled(running)
+    params = PRESETS[args.preset]
+    backend = _backend(args, params)
+    try:
+        scorer = _scorer(catalogs, retention, params, backend)
+        running = start_server(scorer, args.host, args.port, args.threads)
+        print(
+            f"heserve {__version__} serving {len(catalogs)} catalog(s) on "
+            f"{args.host}:{running.port} (preset {args.preset}, "
+            f"{backend.shard_count} shard(s))",
+            flush=True,
+        )
+        serve_until_signalled(running)
+    finally:
+        backend.close()
     return 0
 
 
@@ -87,8 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from heserve_client import Client
 
     catalog = demo_catalog(args.items, args.dimension)
+    params = PRESETS[args.preset]
+    backend = _backend(args, params)
     started = time.perf_counter()
-    scorer = _scorer([catalog], KeyRetention())
+    scorer = _scorer([catalog], KeyRetention(), params, backend)
     encode_seconds = time.perf_counter() - started
     running = start_server(scorer, "127.0.0.1", 0)
     user = unit_rows(1, args.dimension, seed=args.seed)[0]
@@ -103,10 +128,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stats = client.stats
     finally:
         running.stop(grace=1.0)
+        backend.close()
 
     plain = catalog.embeddings @ user
     order = np.argsort(-plain, kind="stable")[: args.k]
-    print(f"\nheserve demo: {catalog.item_count:,} items × {catalog.dimension} dims, top {args.k}")
+    print(
+        f"\nheserve demo: {catalog.item_count:,} items × {catalog.dimension} dims, top {args.k}, "
+        f"preset {args.preset}, {backend.shard_count} shard(s)"
+    )
     print(f"{'rank':>4}  {'encrypted':<30} {'plaintext':<30} same")
     for rank, ((item_id, score), index) in enumerate(zip(encrypted, order, strict=True), 1):
         same = "yes" if item_id == catalog.ids[index] else "NO"
@@ -116,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     print("\nsteps (seconds)")
     for label, seconds in [
-        ("server: encode catalog diagonals", encode_seconds),
+        ("server: start workers, encode catalog", encode_seconds),
         ("client: generate Galois keys", stats.last_keygen_seconds),
         ("client: register keys (upload)", register_seconds),
         ("client: encrypt query", stats.last_encrypt_seconds),
@@ -132,6 +161,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     agree = [item for item, _ in encrypted] == [catalog.ids[i] for i in order]
     print("\nencrypted ranking equals plaintext ranking:", "yes" if agree else "NO")
     return 0 if agree else 1
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help=f"CKKS parameter preset (default {DEFAULT_PRESET}); see the README for "
+        "precision and speed of each",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes holding catalog shards (default: one per core; "
+        "0: score in the server process)",
+    )
+    parser.add_argument(
+        "--memory-budget-mib",
+        type=int,
+        default=None,
+        help="memory for encoded catalog chunks, in MiB; chunks past it are encoded "
+        "per query (default: no limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-key-store-bytes", type=int, default=1 << 30, help="most bytes of keys held"
     )
     serve.add_argument("--threads", type=int, default=8, help="gRPC worker threads")
+    _add_engine_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="run a server and a client end to end, in process")
@@ -177,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dimension", type=int, default=64, help="demo embedding dimension")
     demo.add_argument("-k", type=int, default=10, help="how many items to recommend")
     demo.add_argument("--seed", type=int, default=7, help="seed of the demo user vector")
+    _add_engine_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
     recommend = commands.add_parser("recommend", help="recommend items from a running server")
