@@ -64,6 +64,11 @@ class ScoringEngine:
             self._encoder.encode(
                 values.tolist(), self._query_parms_id, self.params.catalog_scale, plaintext
             )
+            if plaintext.is_zero():
+                # values too small for the catalog scale encode to zero; SEAL would refuse
+                # the transparent product, and it adds nothing
+                diagonals.append(None)
+                continue
             diagonals.append(plaintext)
         if all(d is None for d in diagonals):
             raise ScoringError(

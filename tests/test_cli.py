@@ -1,0 +1,289 @@
+"""The `heserve` command, run as real subprocesses against a real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from heserve.catalog import demo_catalog, unit_rows
+from heserve.v1 import scoring_pb2 as pb
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+
+SERVICE = "heserve.v1.ScoringService"
+SERVING_LINE = re.compile(r"^heserve \S+ serving (\d+) catalog\(s\) on ([\d.]+):(\d+)\b")
+RANK_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+([+-]\d+\.\d+)$")
+STARTUP_SECONDS = 60.0
+COMMAND_SECONDS = 180.0
+
+
+def _env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED: stdout is a pipe, as under a supervisor."""
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def heserve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "heserve.cli", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_SECONDS,
+        check=False,
+    )
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    catalogs: int
+    target: str
+
+
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The first line the process prints, waiting at most `timeout` seconds for it."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                return process.stdout.readline()
+            if process.poll() is not None:
+                break
+    return ""
+
+
+def serve(tmp_path: Path, servers: list[Served], *args: str) -> Served:
+    """Start `heserve serve --port 0 ARGS` and read the address from its first line."""
+    with (tmp_path / "serve.stderr").open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "heserve.cli", "serve", "--port", "0", *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    served = Served(process, 0, "")
+    servers.append(served)  # the fixture stops it, whatever happens next
+    line = _first_line(process, STARTUP_SECONDS)
+    if not line:
+        pytest.fail(
+            "heserve serve printed no line while running (block-buffered stdout?); stderr:\n"
+            + (tmp_path / "serve.stderr").read_text()
+        )
+    match = SERVING_LINE.match(line.strip())
+    assert match, f"unexpected first line {line!r}"
+    served.catalogs, served.target = int(match[1]), f"{match[2]}:{match[3]}"
+    return served
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Served]]:
+    """Servers started by a test; any still running at the end are killed."""
+    started: list[Served] = []
+    yield started
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait(timeout=30)
+        if served.process.stdout is not None:
+            served.process.stdout.close()
+
+
+def _health(channel: grpc.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    return int(reply.status)
+
+
+def _reflected_services(channel: grpc.Channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    replies = list(stub.ServerReflectionInfo(iter([request]), timeout=30))
+    assert len(replies) == 1
+    return [service.name for service in replies[0].list_services_response.service]
+
+
+@pytest.fixture
+def small_catalog(tmp_path: Path) -> tuple[np.ndarray, list[str]]:
+    embeddings = unit_rows(300, 20, seed=31)
+    ids = [f"sku-{i:03d}" for i in range(300)]
+    np.save(tmp_path / "shop.npy", embeddings)
+    (tmp_path / "shop.txt").write_text("\n".join(ids) + "\n")
+    return embeddings, ids
+
+
+def _children(pid: int) -> set[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.update(int(child) for child in (task / "children").read_text().split())
+    return children
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited and been reaped, waiting a little for it."""
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize(
+    "workers", [[], ["--workers", "0"]], ids=["worker-processes", "in-process"]
+)
+def test_serve_health_reflection_recommend_and_graceful_sigterm(
+    tmp_path: Path,
+    servers: list[Served],
+    small_catalog: tuple[np.ndarray, list[str]],
+    workers: list[str],
+) -> None:
+    embeddings, ids = small_catalog
+    served = serve(
+        tmp_path, servers, "--catalog", "shop=shop.npy", "--ids", "shop=shop.txt", *workers
+    )
+    assert served.catalogs == 1
+    assert served.target.startswith("127.0.0.1:")
+
+    with grpc.insecure_channel(served.target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=STARTUP_SECONDS)
+        for service in ("", SERVICE):
+            assert _health(channel, service) == health_pb2.HealthCheckResponse.SERVING
+        assert SERVICE in _reflected_services(channel)
+
+    user = unit_rows(1, 20, seed=32)[0]
+    np.save(tmp_path / "u.npy", user)
+    result = heserve(
+        "recommend", "--server", served.target, "--catalog", "shop", "--vector", "u.npy", "-k", "5",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    rows = [RANK_LINE.match(line) for line in result.stdout.splitlines() if line.strip()]
+    assert all(rows), result.stdout
+    plain = embeddings @ user
+    order = np.argsort(-plain, kind="stable")[:5]
+    assert [int(m[1]) for m in rows if m] == [1, 2, 3, 4, 5]
+    assert [m[2] for m in rows if m] == [ids[i] for i in order]
+    np.testing.assert_allclose([float(m[3]) for m in rows if m], plain[order], atol=1e-4)
+
+    children = _children(served.process.pid) if Path("/proc/self/task").is_dir() else set()
+    if not workers and Path("/proc/self/task").is_dir():
+        assert children, "the default serve runs worker processes"
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0
+    assert "Traceback" not in (tmp_path / "serve.stderr").read_text()
+    assert [pid for pid in children if not _gone(pid)] == []  # no worker left behind
+
+
+def test_serve_without_catalogs_serves_the_demo_catalog(
+    tmp_path: Path, servers: list[Served]
+) -> None:
+    served = serve(tmp_path, servers)
+    assert served.catalogs == 1
+
+    with grpc.insecure_channel(served.target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=STARTUP_SECONDS)
+        reply = pb_grpc.ScoringServiceStub(channel).ListCatalogs(
+            pb.ListCatalogsRequest(), timeout=30
+        )
+    demo = demo_catalog()
+    assert [c.name for c in reply.catalogs] == ["demo"]
+    (info,) = reply.catalogs
+    assert (info.item_count, info.dimension, info.version) == (
+        demo.item_count,
+        demo.dimension,
+        demo.version,
+    )
+
+    served.process.send_signal(signal.SIGINT)
+    assert served.process.wait(timeout=30) == 0
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
+    good = unit_rows(6, 4, seed=3)
+    np.save(tmp_path / "good.npy", good)
+    with_nan = good.copy()
+    with_nan[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", with_nan)
+    np.save(tmp_path / "huge.npy", good * 1e4)
+    (tmp_path / "five.txt").write_text("a\nb\nc\nd\ne\n")
+    (tmp_path / "good.csv").write_text("1,2,3\n")
+    np.savez(tmp_path / "noids.npz", embeddings=good)
+    return {
+        "missing file": ["--catalog", "c=missing.npy"],
+        "NaN in embeddings": ["--catalog", "c=nan.npy"],
+        "--ids for an unknown catalog": ["--catalog", "c=good.npy", "--ids", "other=five.txt"],
+        "missing ids file": ["--catalog", "c=good.npy", "--ids", "c=missing.txt"],
+        "ids count mismatch": ["--catalog", "c=good.npy", "--ids", "c=five.txt"],
+        "row norm too large": ["--catalog", "c=huge.npy"],
+        "not .npy or .npz": ["--catalog", "c=good.csv"],
+        ".npz without ids": ["--catalog", "c=noids.npz"],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "NaN in embeddings",
+        "--ids for an unknown catalog",
+        "missing ids file",
+        "ids count mismatch",
+        "row norm too large",
+        "not .npy or .npz",
+        ".npz without ids",
+    ],
+)
+def test_serve_refuses_bad_catalogs_with_one_line(tmp_path: Path, case: str) -> None:
+    args = _bad_inputs(tmp_path)[case]
+
+    result = heserve("serve", "--port", "0", *args, cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("heserve: error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_agrees_with_plaintext_and_reports_bytes_and_timings(tmp_path: Path) -> None:
+    result = heserve("demo", "--items", "3000", "--dimension", "24", "-k", "5", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "encrypted ranking equals plaintext ranking: yes" in out.splitlines()
+    assert "3,000 items × 24 dims, top 5" in out
+
+    # the encrypted column, checked here against our own plaintext ranking
+    catalog = demo_catalog(3000, 24)
+    plain = catalog.embeddings @ unit_rows(1, 24, seed=7)[0]
+    expected = [catalog.ids[i] for i in np.argsort(-plain, kind="stable")[:5]]
+    ranks = re.findall(r"^\s+(\d)\s+(\S+)\s+[+-]\d\.\d+\s+(\S+)\s+[+-]\d\.\d+\s+(\S+)$", out, re.M)
+    assert [(r, enc, same) for r, enc, _, same in ranks] == [
+        (str(i), item, "yes") for i, item in enumerate(expected, 1)
+    ]
+
+    for direction in ("keys", "query", "scores"):
+        assert re.search(rf"->\s+\w+\s+{direction}\s+[\d,]+\.\d+ (KiB|MiB)$", out, re.M), direction
+    for step in ("client: encrypt query", "server: score + stream back", "recommend, end to end"):
+        assert re.search(rf"^\s+{re.escape(step)}\s+\d+\.\d{{3}}$", out, re.M), step
