@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -83,54 +84,79 @@ def _serve_worker(conn: Connection, params: CkksParameters) -> None:
 
 @dataclass
 class _Worker:
+    index: int
     process: multiprocessing.process.BaseProcess
     conn: Connection
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     keys_held: set[str] = field(default_factory=set)
     alive: bool = True
+    ready: threading.Event = field(default_factory=threading.Event)
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.send_lock:
             self.conn.send(message)
 
 
+@dataclass(frozen=True)
+class _CatalogSpec:
+    """What a worker needs to rebuild its shard of a catalog after a restart."""
+
+    name: str
+    plan: DiagonalPlan
+    embeddings: FloatArray
+    budget: int
+
+
 class ProcessBackend:
-    """Catalog shards in `workers` processes (default: one per core)."""
+    """Catalog shards in `workers` processes (default: one per core).
+
+    A worker that dies fails the requests it held (ShardUnavailableError, which
+    the service maps to UNAVAILABLE) and is replaced at once: the new process
+    re-encodes its shards, and queries wait for it (up to `restart_timeout`).
+    """
 
     def __init__(
         self,
         params: CkksParameters,
         workers: int | None = None,
         memory_budget: int | None = None,
+        restart_timeout: float = 300.0,
     ) -> None:
         self.params = params
         self.shard_count = workers or os.cpu_count() or 1
         self.memory_budget = memory_budget
+        self.restart_timeout = restart_timeout
+        self.restarts = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.SimpleQueue[tuple[Any, ...]]] = {}
         self._pending_lock = threading.Lock()
         self._catalogs: dict[str, int] = {}
+        self._specs: list[_CatalogSpec] = []
         self._encoded_per_worker = 0
-        context = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker] = []
-        for number in range(self.shard_count):
-            front, back = context.Pipe()
-            process = context.Process(
-                target=_serve_worker,
-                args=(back, params),
-                name=f"heserve-worker-{number}",
-                daemon=True,
-            )
-            process.start()
-            back.close()
-            worker = _Worker(process, front)
-            self._workers.append(worker)
-            threading.Thread(
-                target=self._route, args=(worker,), name=f"heserve-route-{number}", daemon=True
-            ).start()
+        self._closing = False
+        self._context = multiprocessing.get_context("spawn")
+        self._workers = [self._spawn(index) for index in range(self.shard_count)]
+        for worker in self._workers:
+            worker.ready.set()
+
+    def _spawn(self, index: int) -> _Worker:
+        front, back = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve_worker,
+            args=(back, self.params),
+            name=f"heserve-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        back.close()
+        worker = _Worker(index, process, front)
+        threading.Thread(
+            target=self._route, args=(worker,), name=f"heserve-route-{index}", daemon=True
+        ).start()
+        return worker
 
     def _route(self, worker: _Worker) -> None:
-        """Deliver each reply of one worker to the request it answers."""
+        """Deliver each reply of one worker to the request it answers; replace it if it dies."""
         while True:
             try:
                 message = worker.conn.recv()
@@ -141,10 +167,30 @@ class ProcessBackend:
             if target is not None:  # None: an abandoned request; drop its results
                 target.put(message)
         worker.alive = False
+        worker.ready.clear()
         with self._pending_lock:
             waiting = list(self._pending.values())
         for target in waiting:
             target.put(("crashed", 0, worker.process.name))
+        if not self._closing:
+            self._replace(worker)
+
+    def _replace(self, dead: _Worker) -> None:
+        log.warning(
+            "worker %s died (exit code %s); replacing it", dead.process.name, dead.process.exitcode
+        )
+        dead.process.join(timeout=5)
+        dead.conn.close()
+        worker = self._spawn(dead.index)
+        self._workers[dead.index] = worker
+        try:
+            for spec in self._specs:
+                self._load_shards(spec, [worker], None)
+        except ShardUnavailableError:
+            return  # the replacement died too; its own route thread replaces it
+        self.restarts += 1
+        worker.ready.set()
+        log.warning("worker %s replaced and ready", worker.process.name)
 
     def _open(self) -> tuple[int, queue.SimpleQueue[tuple[Any, ...]]]:
         request_id = next(self._ids)
@@ -165,22 +211,22 @@ class ProcessBackend:
             raise ScoringError(message[2])
         return message
 
-    def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+    def _load_shards(
+        self, spec: _CatalogSpec, workers: list[_Worker], progress: Progress | None
     ) -> None:
-        slots = plan.slot_count
-        total = -(-embeddings.shape[0] // slots)
-        budget = _UNBOUNDED
-        if self.memory_budget is not None:
-            budget = self.memory_budget // self.shard_count - self._encoded_per_worker
+        """Have each of `workers` encode its shard of a catalog; wait until all are done."""
+        slots = spec.plan.slot_count
+        total = -(-spec.embeddings.shape[0] // slots)
         request_id, replies = self._open()
         try:
-            for shard, worker in enumerate(self._workers):
-                indices = list(range(shard, total, self.shard_count))
-                rows = [embeddings[i * slots : (i + 1) * slots].copy() for i in indices]
-                worker.send(("catalog", request_id, name, plan, indices, rows, budget))
+            for worker in workers:
+                indices = list(range(worker.index, total, self.shard_count))
+                rows = [spec.embeddings[i * slots : (i + 1) * slots].copy() for i in indices]
+                worker.send(
+                    ("catalog", request_id, spec.name, spec.plan, indices, rows, spec.budget)
+                )
             done = finished = 0
-            while finished < len(self._workers):
+            while finished < len(workers):
                 if self._next_reply(replies)[0] == "progress":
                     done += 1
                     if progress is not None:
@@ -189,10 +235,31 @@ class ProcessBackend:
                     finished += 1
         finally:
             self._close(request_id)
+
+    def add_catalog(
+        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+    ) -> None:
+        budget = _UNBOUNDED
+        if self.memory_budget is not None:
+            budget = self.memory_budget // self.shard_count - self._encoded_per_worker
+        spec = _CatalogSpec(name, plan, embeddings, budget)
+        self._load_shards(spec, self._workers, progress)
+        total = -(-embeddings.shape[0] // plan.slot_count)
         chunk_bytes = encoded_chunk_bytes(self.params, plan)
         per_worker = -(-total // self.shard_count)
         self._encoded_per_worker += min(per_worker, max(0, budget) // chunk_bytes) * chunk_bytes
+        self._specs.append(spec)
         self._catalogs[name] = total
+
+    def _ready_workers(self) -> list[_Worker]:
+        """All workers, waiting for any being replaced (bounded by restart_timeout)."""
+        deadline = time.monotonic() + self.restart_timeout
+        for index in range(self.shard_count):
+            # A dead worker's slot is refilled by a new one: wait on whichever is current.
+            while not self._workers[index].ready.wait(0.05):
+                if time.monotonic() > deadline:
+                    raise ShardUnavailableError(f"worker {index} is not ready")
+        return list(self._workers)
 
     def score(
         self,
@@ -202,25 +269,28 @@ class ProcessBackend:
         query: Sealed[seal.Ciphertext],
     ) -> Iterator[bytes]:
         total = self._catalogs[name]
+        workers = self._ready_workers()
         request_id, replies = self._open()
         try:
-            for worker in self._workers:
-                if not worker.alive:
-                    raise ShardUnavailableError(f"worker {worker.process.name} is not running")
+            for worker in workers:
                 with worker.send_lock:
                     ship = key_id not in worker.keys_held
-                    worker.keys_held.add(key_id)
-                    worker.conn.send(
-                        (
-                            "score",
-                            request_id,
-                            name,
-                            key_id,
-                            keys.blob if ship else None,
-                            query.blob,
-                            len(query.blob) + 4096,
-                        )
+                    message = (
+                        "score",
+                        request_id,
+                        name,
+                        key_id,
+                        keys.blob if ship else None,
+                        query.blob,
+                        len(query.blob) + 4096,
                     )
+                    try:
+                        worker.conn.send(message)
+                    except OSError:
+                        raise ShardUnavailableError(
+                            f"worker {worker.process.name} died before the request"
+                        ) from None
+                    worker.keys_held.add(key_id)
             ready: dict[int, bytes] = {}
             for expected in range(total):
                 while expected not in ready:
@@ -239,6 +309,7 @@ class ProcessBackend:
                     worker.conn.send(("forget", 0, key_id))
 
     def close(self) -> None:
+        self._closing = True
         for worker in self._workers:
             if worker.alive:
                 with contextlib.suppress(OSError):

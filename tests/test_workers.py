@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from heserve.catalog import Catalog, unit_rows
+from heserve.errors import UnavailableError
 from heserve.packing import query_slots
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import Scorer
@@ -90,3 +93,34 @@ def test_deleted_keys_leave_the_workers(pooled: Scorer, secret: SecretContext) -
     pooled.delete_keys(key_id)
 
     assert not any(key_id in worker.keys_held for worker in backend._workers)
+
+
+def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
+    catalog: Catalog, secret: SecretContext
+) -> None:
+    # 16 chunks of 128 dimensions: after the first result, the victim still has
+    # several chunks (tens of milliseconds) of the query to go.
+    large = Catalog("large", unit_rows(16 * 4096, 128, 11), tuple(map(str, range(16 * 4096))))
+    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
+    try:
+        scorer = Scorer(DEFAULT_PARAMETERS, [catalog, large], backend=backend)
+        key_id = scorer.register_keys(secret_keys(scorer, secret))
+        vector = unit_rows(1, DIMENSION, 10)[0]
+        wide = unit_rows(1, 128, 12)[0]
+        wide_query = secret.encrypt(query_slots(wide, 128, DEFAULT_PARAMETERS.slot_count))
+        runs = scorer.score(key_id, "large", wide_query, [])
+        next(runs)  # the query is in flight in both workers
+
+        victim = backend._workers[1].process
+        os.kill(victim.pid or 0, signal.SIGKILL)
+        with pytest.raises(UnavailableError):
+            list(runs)
+
+        # The next query waits for the replacement, which re-encoded its shard.
+        scores = _scores(scorer, secret, key_id, vector)
+        assert np.abs(scores - catalog.embeddings @ vector).max() < 1e-4
+        assert backend.restarts == 1
+        assert backend._workers[1].process.pid != victim.pid
+        assert not victim.is_alive()
+    finally:
+        backend.close()
