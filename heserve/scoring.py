@@ -208,7 +208,7 @@ class Scorer:
             for index, scores in enumerate(runs):
                 offset = index * slots
                 yield ScoredRun(
-                    scores=scores,
+                    scores=seal_io.ciphertext_to_wire(scores),
                     offset=offset,
                     count=min(slots, count - offset),
                     index=index,

@@ -5,11 +5,19 @@ private temporary file (on a memory-backed filesystem where there is one). SEAL'
 own loader inflates zlib/zstd payloads without an output limit, which would let a
 few kilobytes of upload allocate gigabytes; so compressed payloads are inflated
 here with a hard limit and handed to SEAL uncompressed.
+
+SEAL loads only objects whose headers (the outer one and those of nested objects)
+name its own major.minor version. The wire speaks SEAL 4.1 serialization, what the
+released Microsoft SEAL 4.1 and its bindings (node-seal, SEAL-Python, SEALNet) read
+and write; TenSEAL's SEAL writes 4.3 headers over the same object layout. So every
+object is re-tagged here: to the local version before loading, to 4.1 (compression
+mode none) before it goes on the wire (`ciphertext_to_wire`, `galois_keys_to_wire`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import tempfile
@@ -24,6 +32,14 @@ import zstandard
 _HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr mode, reserved, size
 _MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZLIB, _COMPR_ZSTD = 0, 1, 2
+# SEAL 4 minor versions whose Ciphertext, Plaintext and KSwitchKeys layouts are the
+# same byte for byte (checked by loading each side's objects in the other's SEAL).
+_SAME_LAYOUT_MINORS = frozenset({1, 3})
+_WIRE_MINOR = 1  # the wire speaks SEAL 4.1
+_OWN_OBJECT_BYTES = 1 << 31  # inflate limit for objects this process made itself
+_CIPHERTEXT_FIELDS = 32 + 1 + 5 * 8  # parms_id, is_ntt_form, size, N, primes, scale, corr.
+_PLAINTEXT_FIELDS = 32 + 8 + 8  # parms_id, coeff_count, scale
+_KIND_CIPHERTEXT, _KIND_PLAINTEXT, _KIND_KSWITCH_KEYS = "ciphertext", "plaintext", "kswitch"
 _SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
@@ -57,6 +73,92 @@ def to_bytes(obj: _Saveable) -> bytes:
         return path.read_bytes()
 
 
+def ciphertext_to_wire(blob: bytes) -> bytes:
+    """A serialized Ciphertext (any SEAL 4.1/local version, any compression) as the wire
+    carries it: SEAL 4.1 serialization, compression mode none, which any SEAL 4.1
+    binding loads as it is.
+    """
+    return _retagged(_uncompressed(blob, _OWN_OBJECT_BYTES), _KIND_CIPHERTEXT, _WIRE_MINOR)
+
+
+def galois_keys_to_wire(blob: bytes) -> bytes:
+    """Serialized GaloisKeys as the wire carries them; see `ciphertext_to_wire`."""
+    return _retagged(_uncompressed(blob, _OWN_OBJECT_BYTES), _KIND_KSWITCH_KEYS, _WIRE_MINOR)
+
+
+@functools.cache
+def _local_minor() -> int:
+    """The minor version the local SEAL writes and will load."""
+    minor = int(_HEADER.unpack_from(to_bytes(seal.Plaintext()))[3])
+    if minor not in _SAME_LAYOUT_MINORS:
+        raise SerializationError(f"SEAL 4.{minor} has no known layout mapping to the wire's 4.1")
+    return minor
+
+
+def _retagged(raw: bytes, kind: str, minor: int) -> bytes:
+    """`raw` (uncompressed) with every SEAL header in it re-tagged to version 4.minor.
+
+    Walks the object's layout; bytes that are not that kind of object are refused.
+    """
+    buffer = bytearray(raw)
+    end = _retag_object(buffer, 0, len(buffer), kind, minor)
+    if end != len(buffer):
+        raise SerializationError("trailing bytes after the SEAL object")
+    return bytes(buffer)
+
+
+def _retag_header(buffer: bytearray, pos: int, end: int, minor: int) -> int:
+    """Re-tag the uncompressed SEAL header at `pos`; return where its object ends."""
+    if pos + _HEADER.size > end:
+        raise SerializationError("SEAL object truncated before a nested header")
+    magic, header_size, major, old_minor, mode, reserved, size = _HEADER.unpack_from(buffer, pos)
+    if (
+        magic != _MAGIC
+        or header_size != _HEADER.size
+        or major != 4
+        or old_minor not in _SAME_LAYOUT_MINORS
+        or mode != _COMPR_NONE
+        or reserved != 0
+        or not _HEADER.size <= size <= end - pos
+    ):
+        raise SerializationError("not a SEAL 4.1 object of the expected layout")
+    buffer[pos + 4] = minor
+    return pos + int(size)
+
+
+def _retag_object(buffer: bytearray, pos: int, end: int, kind: str, minor: int) -> int:
+    """Re-tag the object at `pos` and the objects nested in it; return where it ends."""
+    object_end = _retag_header(buffer, pos, end, minor)
+    pos += _HEADER.size
+    if kind == _KIND_CIPHERTEXT:  # fields, the data array, and a PRNG seed if seeded
+        pos = _retag_header(buffer, pos + _CIPHERTEXT_FIELDS, object_end, minor)
+        if pos < object_end:
+            pos = _retag_header(buffer, pos, object_end, minor)
+    elif kind == _KIND_PLAINTEXT:  # a SecretKey is its Plaintext
+        pos = _retag_header(buffer, pos + _PLAINTEXT_FIELDS, object_end, minor)
+    else:  # parms_id, then a vector of vectors of PublicKeys (Ciphertexts)
+        pos += 32
+        outer = _read_count(buffer, pos, object_end)
+        pos += 8
+        for _ in range(outer):
+            inner = _read_count(buffer, pos, object_end)
+            pos += 8
+            for _ in range(inner):
+                pos = _retag_object(buffer, pos, object_end, _KIND_CIPHERTEXT, minor)
+    if pos != object_end:
+        raise SerializationError("SEAL object does not have the expected layout")
+    return object_end
+
+
+def _read_count(buffer: bytearray, pos: int, end: int) -> int:
+    if pos + 8 > end:
+        raise SerializationError("SEAL object truncated before a count")
+    (count,) = struct.unpack_from("<Q", buffer, pos)
+    if count > (end - pos) // 8:  # every entry takes at least 8 bytes
+        raise SerializationError("SEAL object count exceeds its size")
+    return int(count)
+
+
 def _uncompressed(blob: bytes, max_bytes: int) -> bytes:
     """Return `blob` re-headed with compression mode none, inflating at most max_bytes."""
     if len(blob) > max_bytes:
@@ -79,8 +181,17 @@ def _uncompressed(blob: bytes, max_bytes: int) -> bytes:
             raise SerializationError(f"corrupt zlib payload: {exc}") from None
     elif mode == _COMPR_ZSTD:
         try:
+            # read by pieces: read(n) allocates n bytes up front, whatever inflates
+            pieces: list[bytes] = []
+            inflated = 0
             with zstandard.ZstdDecompressor().stream_reader(body) as reader:
-                body = reader.read(limit + 1)
+                while inflated <= limit:
+                    piece = reader.read(min(limit + 1 - inflated, 1 << 20))
+                    if not piece:
+                        break
+                    pieces.append(piece)
+                    inflated += len(piece)
+            body = b"".join(pieces)
         except zstandard.ZstdError as exc:
             raise SerializationError(f"corrupt zstd payload: {exc}") from None
     else:
@@ -99,7 +210,13 @@ def _load(
     blob: bytes,
     max_bytes: int,
 ) -> None:
-    raw = _uncompressed(blob, max_bytes)
+    if isinstance(target, seal.Ciphertext):
+        kind = _KIND_CIPHERTEXT
+    elif isinstance(target, seal.GaloisKeys):
+        kind = _KIND_KSWITCH_KEYS
+    else:
+        kind = _KIND_PLAINTEXT
+    raw = _retagged(_uncompressed(blob, max_bytes), kind, _local_minor())
     with _scratch_file() as path:
         path.write_bytes(raw)
         try:

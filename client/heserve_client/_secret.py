@@ -45,13 +45,15 @@ class SecretContext:
         """Serialized public Galois keys for exactly these rotation steps (seeded: half size)."""
         n = self.params.poly_modulus_degree
         elements = sorted({seal_io.galois_element(step, n) for step in steps})
-        return seal_io.to_bytes(self._generator.create_galois_keys(elements))
+        keys = self._generator.create_galois_keys(elements)
+        return seal_io.galois_keys_to_wire(seal_io.to_bytes(keys))
 
     def encrypt(self, slots: npt.NDArray[np.float64]) -> bytes:
         """Encrypt a full slot vector at the top level; seeded symmetric encryption halves it."""
         plaintext = seal.Plaintext()
         self._encoder.encode(slots.tolist(), self.params.scale, plaintext)
-        return seal_io.to_bytes(self._encryptor.encrypt_symmetric(plaintext))
+        ciphertext = self._encryptor.encrypt_symmetric(plaintext)
+        return seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext))
 
     def decrypt(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.float64]:
         """Decrypt and decode a score ciphertext into its slot values."""

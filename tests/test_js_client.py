@@ -1,0 +1,143 @@
+"""A JavaScript client with no Python in it, against a real server on loopback.
+
+clients/js speaks the proto through @grpc/grpc-js and does CKKS in node-seal
+(Microsoft SEAL 4.1 in WebAssembly): it proves the proto and SEAL's own
+serialization are all an integrator needs. Its npm dependencies are installed
+here (`npm ci`) when missing, as on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from heserve.catalog import Catalog
+from heserve.packing import query_slots
+from heserve.params import DEFAULT_PARAMETERS
+from heserve.v1 import scoring_pb2 as pb
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+from heserve_client._secret import SecretContext
+
+ROOT = Path(__file__).resolve().parent.parent
+JS_DIR = ROOT / "clients" / "js"
+NPM_TIMEOUT = 300
+NODE_TIMEOUT = 180
+SEAL_HEADER = struct.Struct("<HBBBBHQ")
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable, with clients/js's npm dependencies installed from the lockfile."""
+    node_path, npm_path = shutil.which("node"), shutil.which("npm")
+    if node_path is None or npm_path is None:
+        pytest.skip("node and npm are needed on PATH to run the JavaScript client")
+    installed = JS_DIR / "node_modules" / ".package-lock.json"
+    lockfile = JS_DIR / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lockfile.stat().st_mtime:
+        subprocess.run(
+            [
+                npm_path,
+                "ci",
+                "--prefix",
+                str(JS_DIR),
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+            ],
+            check=True,
+            timeout=NPM_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+    return node_path
+
+
+def recommend_js(
+    node: str, target: str, catalog: str, vector_file: Path, k: int, *flags: str
+) -> tuple[list[tuple[str, float]], dict[str, object]]:
+    """Run clients/js/recommend.mjs; return its top-k and the timings it reports."""
+    result = subprocess.run(
+        [node, str(JS_DIR / "recommend.mjs"), target, catalog, str(vector_file), str(k), *flags],
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, object] = json.loads(result.stderr.strip().splitlines()[-1])
+    top = [(str(item), float(score)) for item, score in json.loads(result.stdout)]
+    return top, report
+
+
+@pytest.mark.parametrize(
+    ("compression", "encryption"),
+    [("none", "symmetric"), ("zstd", "symmetric"), ("none", "public"), ("zlib", "public")],
+)
+def test_js_client_top_10_equals_plaintext(
+    node: str,
+    target: str,
+    books: Catalog,
+    user: npt.NDArray[np.float64],
+    tmp_path: Path,
+    compression: str,
+    encryption: str,
+) -> None:
+    u = user / np.linalg.norm(user)
+    vector_file = tmp_path / "user.json"
+    vector_file.write_text(json.dumps(u.tolist()))
+    expected_scores = books.embeddings @ u
+    expected = np.argsort(-expected_scores, kind="stable")[:10]
+
+    top, report = recommend_js(
+        node,
+        target,
+        "books",
+        vector_file,
+        10,
+        "--compression",
+        compression,
+        "--encryption",
+        encryption,
+        "--timings",
+    )
+
+    print(json.dumps(report))  # timings and bytes, shown with pytest -s
+    assert [item for item, _ in top] == [books.ids[i] for i in expected]
+    assert np.allclose([score for _, score in top], expected_scores[expected], atol=1e-3)
+
+
+def test_score_responses_are_seal_4_1_uncompressed(target: str, books: Catalog) -> None:
+    """The wire contract node-seal relies on: SEAL 4.1 serialization; responses uncompressed."""
+    secret = SecretContext(DEFAULT_PARAMETERS)
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 16 << 20)]
+    ) as channel:
+        stub = pb_grpc.ScoringServiceStub(channel)
+        steps = list(stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60).ckks.galois_steps)
+        keys = secret.galois_keys(steps)
+        chunks = [keys[i : i + (1 << 20)] for i in range(0, len(keys), 1 << 20)]
+        key_id = stub.RegisterKeys(
+            (pb.RegisterKeysRequest(galois_keys_chunk=chunk) for chunk in chunks), timeout=60
+        ).key_id
+        query = secret.encrypt(
+            query_slots(
+                np.ones(books.dimension) / 10, books.dimension, DEFAULT_PARAMETERS.slot_count
+            )
+        )
+        replies = list(
+            stub.Score(pb.ScoreRequest(key_id=key_id, catalog="books", query=query), timeout=60)
+        )
+        stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), timeout=60)
+
+    for blob in (keys, query, *(reply.scores for reply in replies)):
+        magic, header_size, major, minor, mode, _, size = SEAL_HEADER.unpack_from(blob)
+        assert (magic, header_size, major, minor, mode, size) == (0xA15E, 16, 4, 1, 0, len(blob))
