@@ -282,7 +282,7 @@ class ProcessBackend:
                         key_id,
                         keys.blob if ship else None,
                         query.blob,
-                        len(query.blob) + 4096,
+                        _UNBOUNDED,  # bounded, inflated too, when the Scorer loaded it
                     )
                     try:
                         worker.conn.send(message)

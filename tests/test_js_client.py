@@ -12,6 +12,7 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,11 @@ import pytest
 from heserve.catalog import Catalog
 from heserve.packing import query_slots
 from heserve.params import DEFAULT_PARAMETERS
+from heserve.scoring import Scorer
+from heserve.server import start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
+from heserve.workers import ProcessBackend
 from heserve_client._secret import SecretContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +115,32 @@ def test_js_client_top_10_equals_plaintext(
     )
 
     print(json.dumps(report))  # timings and bytes, shown with pytest -s
+    assert [item for item, _ in top] == [books.ids[i] for i in expected]
+    assert np.allclose([score for _, score in top], expected_scores[expected], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def pool_target(books: Catalog) -> Iterator[str]:
+    """A server scoring on a pool of worker processes, which reload the uploads."""
+    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
+    running = start_server(Scorer(DEFAULT_PARAMETERS, [books], backend=backend), "127.0.0.1", 0)
+    yield f"127.0.0.1:{running.port}"
+    running.stop(grace=None)
+    backend.close()
+
+
+def test_js_client_zstd_uploads_through_a_process_pool(
+    node: str, pool_target: str, books: Catalog, user: npt.NDArray[np.float64], tmp_path: Path
+) -> None:
+    vector_file = tmp_path / "user.json"
+    vector_file.write_text(json.dumps(user.tolist()))
+    expected_scores = books.embeddings @ user
+    expected = np.argsort(-expected_scores, kind="stable")[:10]
+
+    top, _ = recommend_js(
+        node, pool_target, "books", vector_file, 10, "--compression", "zstd", "--timings"
+    )
+
     assert [item for item, _ in top] == [books.ids[i] for i in expected]
     assert np.allclose([score for _, score in top], expected_scores[expected], atol=1e-3)
 
