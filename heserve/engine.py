@@ -142,17 +142,18 @@ class ScoringEngine:
         """
         evaluator, b = self._evaluator, plan.baby_step
         result: seal.Ciphertext | None = None
+        term = seal.Ciphertext()  # reused: SEAL keeps its allocation between products
         for g in reversed(range(plan.giant_count)):
             inner: seal.Ciphertext | None = None
             for k in range(b):
                 plaintext = chunk.diagonals[g * b + k]
                 if plaintext is None:
                     continue
-                term = seal.Ciphertext()
-                evaluator.multiply_plain(babies[k], plaintext, term)
                 if inner is None:
-                    inner = term
+                    inner = seal.Ciphertext()
+                    evaluator.multiply_plain(babies[k], plaintext, inner)
                 else:
+                    evaluator.multiply_plain(babies[k], plaintext, term)
                     evaluator.add_inplace(inner, term)
             if inner is not None and self.params.rescales:
                 evaluator.rescale_to_next_inplace(inner)
