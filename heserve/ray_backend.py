@@ -1,0 +1,202 @@
+"""A Ray backend: each shard of every catalog lives in a Ray actor.
+
+The same shards as the process pool (chunk c belongs to shard c mod S), moved onto
+a Ray cluster so a catalog or a query rate beyond one machine needs no rewrite.
+Each actor encodes its shard once and keeps it. Evaluation keys travel through
+Ray's object store once per key_id: the front puts the bytes once and passes the
+reference nested in a list, so Ray does not resolve it per call; an actor fetches
+it only when it does not hold that key_id yet. Actors are restarted by Ray when
+they die; a restarted actor holds nothing and re-encodes its shard on its next
+query (or at once, through `warm_up`), and the query that was in flight fails
+with ShardUnavailableError (UNAVAILABLE on the wire).
+
+Ray is an optional dependency (`pip install heserve[ray]`); only this module
+imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.exceptions
+import tenseal.sealapi as seal
+
+from heserve import seal_io
+from heserve.backend import Sealed, ShardUnavailableError
+from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError, encoded_chunk_bytes
+from heserve.packing import DiagonalPlan, FloatArray
+from heserve.params import CkksParameters
+
+log = logging.getLogger(__name__)
+
+_UNBOUNDED = 1 << 62
+_ACTOR_FAILURES = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OwnerDiedError,
+)
+
+
+class ShardActor:
+    """One shard of every catalog, encoded once, plus the keys it was sent."""
+
+    def __init__(self, params: CkksParameters, index: int, shard_count: int) -> None:
+        self._engine = ScoringEngine(params)
+        self._params = params
+        self._index = index
+        self._shard_count = shard_count
+        self._shards: dict[str, tuple[DiagonalPlan, list[int], list[Chunk]]] = {}
+        self._keys: dict[str, seal.GaloisKeys] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def load(self, name: str, plan: DiagonalPlan, rows_ref: list[Any], budget: int) -> int:
+        """Encode this shard of a catalog (rows fetched from the object store)."""
+        rows: list[FloatArray] = ray.get(rows_ref[0])
+        chunk_bytes = encoded_chunk_bytes(self._params, plan)
+        chunks: list[Chunk] = [
+            self._engine.encode_rows(plan, chunk_rows)
+            if (position + 1) * chunk_bytes <= budget
+            else chunk_rows.copy()
+            for position, chunk_rows in enumerate(rows)
+        ]
+        indices = [self._index + i * self._shard_count for i in range(len(rows))]
+        self._shards[name] = (plan, indices, chunks)
+        return len(rows)
+
+    def score(
+        self,
+        name: str,
+        plan: DiagonalPlan,
+        rows_ref: list[Any],
+        budget: int,
+        key_id: str,
+        keys_ref: list[Any],
+        query_blob: bytes,
+    ) -> Iterator[bytes]:
+        """Stream this shard's score ciphertexts, in chunk order."""
+        if name not in self._shards:  # restarted since the catalog was loaded
+            self.load(name, plan, rows_ref, budget)
+        if key_id not in self._keys:
+            blob: bytes = ray.get(keys_ref[0])
+            self._keys[key_id] = seal_io.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
+        plan, _, chunks = self._shards[name]
+        query = seal_io.load_ciphertext(self._engine.context, query_blob, len(query_blob) + 4096)
+        for scores in self._engine.score(plan, chunks, query, self._keys[key_id]):
+            yield seal_io.to_bytes(scores)
+
+    def forget(self, key_id: str) -> None:
+        self._keys.pop(key_id, None)
+
+    def held_keys(self) -> list[str]:
+        return sorted(self._keys)
+
+
+@dataclass(frozen=True)
+class _RayCatalog:
+    plan: DiagonalPlan
+    total: int
+    budget: int
+    shard_rows: tuple[Any, ...]  # one ObjectRef of row chunks per shard
+
+
+class RayBackend:
+    """Catalog shards in Ray actors, one per CPU of the cluster by default."""
+
+    def __init__(
+        self,
+        params: CkksParameters,
+        address: str | None = None,
+        shards: int | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        self.params = params
+        self.shard_count = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.memory_budget = memory_budget
+        actor_class: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(ShardActor)
+        self._actors: list[Any] = [
+            actor_class.remote(params, index, self.shard_count) for index in range(self.shard_count)
+        ]
+        self._catalogs: dict[str, _RayCatalog] = {}
+        self._key_refs: dict[str, Any] = {}
+        self._encoded_per_shard = 0
+
+    def actor_pids(self) -> list[int]:
+        return [int(pid) for pid in ray.get([actor.pid.remote() for actor in self._actors])]
+
+    def add_catalog(
+        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+    ) -> None:
+        slots = plan.slot_count
+        total = -(-embeddings.shape[0] // slots)
+        budget = _UNBOUNDED
+        if self.memory_budget is not None:
+            budget = self.memory_budget // self.shard_count - self._encoded_per_shard
+        shard_rows = tuple(
+            ray.put(
+                [
+                    embeddings[c * slots : (c + 1) * slots]
+                    for c in range(shard, total, self.shard_count)
+                ]
+            )
+            for shard in range(self.shard_count)
+        )
+        pending = [
+            actor.load.remote(name, plan, [rows], budget)
+            for actor, rows in zip(self._actors, shard_rows, strict=True)
+        ]
+        done = 0
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            done += int(ray.get(finished[0]))
+            if progress is not None:
+                progress(done, total)
+        chunk_bytes = encoded_chunk_bytes(self.params, plan)
+        per_shard = -(-total // self.shard_count)
+        self._encoded_per_shard += min(per_shard, max(0, budget) // chunk_bytes) * chunk_bytes
+        self._catalogs[name] = _RayCatalog(plan, total, budget, shard_rows)
+
+    def score(
+        self,
+        name: str,
+        key_id: str,
+        keys: Sealed[seal.GaloisKeys],
+        query: Sealed[seal.Ciphertext],
+    ) -> Iterator[bytes]:
+        catalog = self._catalogs[name]
+        key_ref = self._key_refs.get(key_id)
+        if key_ref is None:
+            key_ref = self._key_refs[key_id] = ray.put(keys.blob)
+        streams = [
+            actor.score.remote(
+                name, catalog.plan, [rows], catalog.budget, key_id, [key_ref], query.blob
+            )
+            for actor, rows in zip(self._actors, catalog.shard_rows, strict=True)
+        ]
+        try:
+            for index in range(catalog.total):
+                yield ray.get(next(streams[index % self.shard_count]))
+        except _ACTOR_FAILURES as exc:
+            raise ShardUnavailableError(f"a Ray shard failed during the query: {exc}") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            raise ScoringError(str(cause)) from None
+
+    def forget_keys(self, key_id: str) -> None:
+        if self._key_refs.pop(key_id, None) is not None:
+            for actor in self._actors:
+                actor.forget.remote(key_id)
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
