@@ -88,7 +88,8 @@ class ShardActor:
             blob: bytes = ray.get(keys_ref[0])
             self._keys[key_id] = seal_io.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
         plan, _, chunks = self._shards[name]
-        query = seal_io.load_ciphertext(self._engine.context, query_blob, len(query_blob) + 4096)
+        # The Scorer bounded the query (inflated too) before it got here.
+        query = seal_io.load_ciphertext(self._engine.context, query_blob, _UNBOUNDED)
         for scores in self._engine.score(plan, chunks, query, self._keys[key_id]):
             yield seal_io.to_bytes(scores)
 

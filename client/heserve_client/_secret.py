@@ -46,14 +46,14 @@ class SecretContext:
         n = self.params.poly_modulus_degree
         elements = sorted({seal_io.galois_element(step, n) for step in steps})
         keys = self._generator.create_galois_keys(elements)
-        return seal_io.galois_keys_to_wire(seal_io.to_bytes(keys))
+        return seal_io.zstd_compressed(seal_io.galois_keys_to_wire(seal_io.to_bytes(keys)))
 
     def encrypt(self, slots: npt.NDArray[np.float64]) -> bytes:
         """Encrypt a full slot vector at the top level; seeded symmetric encryption halves it."""
         plaintext = seal.Plaintext()
         self._encoder.encode(slots.tolist(), self.params.scale, plaintext)
         ciphertext = self._encryptor.encrypt_symmetric(plaintext)
-        return seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext))
+        return seal_io.zstd_compressed(seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext)))
 
     def decrypt(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.float64]:
         """Decrypt and decode a score ciphertext into its slot values."""
@@ -69,6 +69,7 @@ class SecretContext:
                 "poly_modulus_degree": self.params.poly_modulus_degree,
                 "coeff_modulus_bits": list(self.params.coeff_modulus_bits),
                 "scale_bits": self.params.scale_bits,
+                "catalog_scale_bits": self.params.catalog_scale_bits,
             }
         ).encode()
         key = seal_io.to_bytes(self._secret_key)
@@ -91,6 +92,7 @@ class SecretContext:
             poly_modulus_degree=int(fields["poly_modulus_degree"]),
             coeff_modulus_bits=tuple(int(b) for b in fields["coeff_modulus_bits"]),
             scale_bits=int(fields["scale_bits"]),
+            catalog_scale_bits=int(fields["catalog_scale_bits"]),
         )
         secret_key = seal_io.load_secret_key(
             params.seal_context(), data[offset + header_len :], _MAX_SECRET_FILE_BYTES
