@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from heserve_client import Client
 
 from heserve.catalog import Catalog, unit_rows
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import KeyRetention, Scorer
 from heserve.server import RunningServer, start_server
+from heserve_client import Client
 
 # Several thousand items, more than one output ciphertext (4,096 slots), and a
 # dimension that is not a power of two.

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from heserve_client import Client
 
 from heserve.catalog import Catalog
+from heserve_client import Client
 
 
 def test_recommend_equals_plaintext_top_k(client: Client, books: Catalog, user: np.ndarray) -> None:
