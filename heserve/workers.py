@@ -294,9 +294,9 @@ class ProcessBackend:
             ready: dict[int, bytes] = {}
             for expected in range(total):
                 while expected not in ready:
-                    message = self._next_reply(replies)
-                    if message[0] == "chunk":
-                        ready[message[2]] = message[3]
+                    reply = self._next_reply(replies)
+                    if reply[0] == "chunk":
+                        ready[reply[2]] = reply[3]
                 yield ready.pop(expected)
         finally:
             self._close(request_id)
