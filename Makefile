@@ -32,5 +32,16 @@ lint: $(STAMP)
 stubs: $(STAMP)
 	$(BIN)/python scripts/gen_stubs.py
 
+# Benchmarks (bench/): tables on stdout; JSON, pytest-benchmark JSON and a PNG in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python -m bench.report run --tier full
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.report run --tier quick
+
+# BASELINE=path.json (default: the committed quick-tier baseline); CURRENT= (default: latest run)
+bench-compare: $(STAMP)
+	$(BIN)/python -m bench.report compare $(CURRENT) --baseline $(or $(BASELINE),bench/baselines/quick.json) --threshold $(or $(THRESHOLD),0.25) --mode $(or $(MODE),ratio)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -137,9 +137,13 @@ class Scorer:
             raise NotFoundError(f"no catalog named {name!r}")
         return entry
 
-    def register_keys(self, blob: bytes) -> str:
-        """Validate and store GaloisKeys; the key_id is a hash of the bytes (idempotent)."""
-        key_id = hashlib.sha256(blob).hexdigest()[:32]
+    def register_keys(self, blob: bytes, owner: str = "") -> str:
+        """Validate and store GaloisKeys; the key_id is a hash of the bytes (idempotent).
+
+        `owner` (an authenticated caller's tag; see heserve.auth) enters the hash and ends
+        the key_id, so two callers uploading the same bytes never share an entry.
+        """
+        key_id = hashlib.sha256(owner.encode() + blob).hexdigest()[:32] + owner
         if self.keys.touch(key_id):
             return key_id
         try:

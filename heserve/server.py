@@ -1,5 +1,6 @@
-"""Run the ScoringService: a gRPC server with health checking, reflection and a
-graceful shutdown on SIGTERM/SIGINT.
+"""Run the ScoringService: a gRPC server with health checking, reflection, TLS,
+per-call policy (tokens, budgets, metrics, request ids; see heserve.interceptors),
+bounded concurrency and message sizes, and a graceful shutdown on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -9,44 +10,104 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from heserve.auth import Authenticator, QueryBudget
+from heserve.interceptors import CallInterceptor
+from heserve.metrics import Metrics
 from heserve.scoring import Scorer
 from heserve.service import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+_MAX_PEM_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server's certificate chain and key (PEM); with `client_ca`, clients must
+    present a certificate that CA signed (mutual TLS)."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> TlsConfig:
+        return cls(
+            _read_pem(cert), _read_pem(key), None if client_ca is None else _read_pem(client_ca)
+        )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def _read_pem(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            data = file.read(_MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > _MAX_PEM_BYTES or b"-----BEGIN " not in data:
+        raise ValueError(f"{path} is not a PEM file")
+    return data
 
 
 @dataclass
 class RunningServer:
-    """A started server, the port it is bound to, and its health servicer."""
+    """A started server, the port it is bound to, its health servicer and metrics."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    metrics: Metrics
+    metrics_port: int | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, then let in-flight calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.close()
 
 
 def start_server(
-    scorer: Scorer, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 8
+    scorer: Scorer,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    max_workers: int = 8,
+    *,
+    tls: TlsConfig | None = None,
+    authenticator: Authenticator | None = None,
+    query_budget: QueryBudget | None = None,
+    max_concurrent_rpcs: int | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> RunningServer:
-    """Bind and start a server for `scorer`; port 0 picks a free port."""
+    """Bind and start a server for `scorer`; port 0 picks a free port.
+
+    `max_concurrent_rpcs` bounds the calls running or queued at once (health checks
+    included); gRPC refuses the next with RESOURCE_EXHAUSTED. `metrics_port` serves
+    Prometheus metrics on metrics_host (0: a free port; None: not served).
+    """
     size = scorer.limits.max_message_bytes
+    metrics = Metrics(scorer, max_concurrent_rpcs)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve"),
+        interceptors=[CallInterceptor(authenticator, query_budget, metrics)],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer), server)
     health_servicer = health.HealthServicer()
@@ -54,14 +115,34 @@ def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, tls.credentials())
+        if tls is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
+    served_metrics = None if metrics_port is None else metrics.serve(metrics_host, metrics_port)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("heserve listening on %s:%d", host, bound)
-    return RunningServer(server, bound, health_servicer)
+    log.info(
+        "heserve listening on %s:%d",
+        host,
+        bound,
+        extra={
+            "fields": {
+                "tls": "off" if tls is None else "mutual" if tls.client_ca else "on",
+                "tokens": len(authenticator) if authenticator else 0,
+                "query_budget": query_budget.limit if query_budget else 0,
+                "max_concurrent_rpcs": max_concurrent_rpcs or 0,
+                "max_message_bytes": size,
+                "metrics_port": served_metrics or 0,
+            }
+        },
+    )
+    return RunningServer(server, bound, health_servicer, metrics, served_metrics)
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:

@@ -2,7 +2,9 @@
 
 This layer only translates: protobuf messages to domain calls on `Scorer`, and
 `ServiceError`s to gRPC status codes with their message. It bounds the streamed
-key upload chunk by chunk, before the bytes are joined.
+key upload chunk by chunk, before the bytes are joined, checks that a key_id is the
+caller's (see heserve.auth), and stops scoring as soon as the call's deadline passes
+or the client cancels.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from heserve import __version__
+from heserve.auth import check_owner
 from heserve.errors import ERROR_DOMAIN, InvalidArgumentError, ResourceExhaustedError, ServiceError
+from heserve.interceptors import current_caller
 from heserve.scoring import Scorer
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -75,6 +79,11 @@ def _page(token: str, page_size: int, limit: int, total: int) -> tuple[int, int]
         raise InvalidArgumentError("page_token is out of range")
     size = min(page_size or _DEFAULT_PAGE_SIZE, limit)
     return start, min(total, start + size)
+
+
+def _past_deadline(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()  # None (no deadline) in some ServicerContexts
+    return remaining is not None and remaining <= 0
 
 
 class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # untyped stub
@@ -172,12 +181,13 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
                     f"a key chunk of {len(chunk)} bytes exceeds {limits.max_key_chunk_bytes}"
                 )
             received += len(chunk)
+            log.debug("key chunk of %d bytes, %d in all", len(chunk), received)
             if received > limits.max_key_bytes:
                 raise ResourceExhaustedError(f"key upload exceeds {limits.max_key_bytes} bytes")
             parts.append(chunk)
         if not received:
             raise InvalidArgumentError("no key bytes were sent")
-        key_id = self._scorer.register_keys(b"".join(parts))
+        key_id = self._scorer.register_keys(b"".join(parts), current_caller().owner_tag)
         return pb.RegisterKeysResponse(
             key_id=key_id, ttl_seconds=self._scorer.retention.ttl_seconds
         )
@@ -188,12 +198,14 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
     ) -> pb.DeleteKeysResponse:
         if not request.key_id:
             raise InvalidArgumentError("key_id is empty")
+        check_owner(current_caller(), request.key_id)
         return pb.DeleteKeysResponse(deleted=self._scorer.delete_keys(request.key_id))
 
     @_abort_on_service_error
     def Score(
         self, request: pb.ScoreRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ScoreResponse]:
+        check_owner(current_caller(), request.key_id)
         runs = self._scorer.score(
             request.key_id,
             request.catalog,
@@ -201,10 +213,21 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             list(request.item_ids),
             request.catalog_version,
         )
+        # Each step of `runs` computes one output ciphertext: look at the call between them.
         for run in runs:
+            if _past_deadline(context):
+                log.info("Score past its deadline after %d of %d responses", run.index, run.total)
+                return
             if not context.is_active():
                 log.info("Score cancelled by the client after %d responses", run.index)
                 return
+            log.debug(
+                "Score response %d of %d: %d items, %d bytes",
+                run.index + 1,
+                run.total,
+                run.count,
+                len(run.scores),
+            )
             yield pb.ScoreResponse(
                 scores=run.scores,
                 offset=run.offset,

@@ -1,0 +1,454 @@
+"""Workloads and the registry of scoring methods the benchmarks time.
+
+Every method scores the same thing: a catalog W (n × d, unit-norm rows) against a
+query u, W·u. A method is a name plus a `setup(workload) -> Runner` callable: setup
+does everything that is not per-query work (encoding the catalog, making keys,
+encrypting the query) and returns a `Runner` whose `run()` is the timed call and
+whose `error(result)` checks that call's output against numpy.
+
+Adding a method (for instance a multi-process engine) is one `register(Method(...))`
+call; the tiers, the pytest-benchmark files, the report and the regression gate
+pick it up by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import tenseal as ts
+import tenseal.sealapi as seal
+
+from heserve import seal_io
+from heserve.engine import ScoringEngine
+from heserve.packing import DiagonalPlan
+from heserve.params import DEFAULT_PARAMETERS, PRESETS, CkksParameters
+from heserve_client._secret import SecretContext
+
+FloatArray = npt.NDArray[np.float64]
+Role = Literal["subject", "peer"]
+Info = dict[str, float | int | str]
+
+PARAMS: CkksParameters = DEFAULT_PARAMETERS
+CATALOG_SEED = 20261123
+QUERY_SEED = 7
+_MAX_BLOB_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A catalog W (n × d, unit-norm rows) and a unit-norm query u."""
+
+    catalog: FloatArray
+    query: FloatArray
+
+    @property
+    def dimension(self) -> int:
+        return int(self.catalog.shape[1])
+
+    @property
+    def items(self) -> int:
+        return int(self.catalog.shape[0])
+
+    def head(self, count: int) -> Workload:
+        """The first `count` items (a view, no copy)."""
+        return Workload(self.catalog[:count], self.query)
+
+    def expected(self) -> FloatArray:
+        """W·u in float64: the reference every method's error is measured against."""
+        result: FloatArray = self.catalog @ self.query
+        return result
+
+
+def unit_vectors(count: int, dimension: int, seed: int, block: int = 65_536) -> FloatArray:
+    """Deterministic unit-norm rows, generated and normalised block by block in place.
+
+    Identical to `heserve.catalog.unit_rows(count, dimension, seed)` (one normal
+    stream, consumed in row order) without its temporaries, so a 1M × 512 catalog
+    costs its own 4 GiB and no more. The first k rows do not depend on `count`.
+    """
+    rng = np.random.default_rng(seed)
+    rows: FloatArray = np.empty((count, dimension))
+    for start in range(0, count, block):
+        part = rows[start : start + block]
+        part[...] = rng.standard_normal(part.shape)
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
+    return rows
+
+
+class CatalogSource:
+    """Catalogs for every (d, n): for one d, each catalog is a prefix of the largest.
+
+    Holds one dimension's rows at a time (the largest size asked so far), so
+    walking the cases d by d keeps at most one big catalog in memory.
+    """
+
+    def __init__(self, seed: int = CATALOG_SEED) -> None:
+        self.seed = seed
+        self._dimension = 0
+        self._rows: FloatArray = np.empty((0, 0))
+
+    def workload(self, dimension: int, items: int) -> Workload:
+        if dimension != self._dimension or items > self._rows.shape[0]:
+            self._rows = np.empty((0, 0))  # drop the old catalog before making the new one
+            self._rows = unit_vectors(items, dimension, self.seed + dimension)
+            self._dimension = dimension
+        query = unit_vectors(1, dimension, QUERY_SEED + dimension)[0]
+        return Workload(self._rows[:items], query)
+
+
+# ------------------------------------------------------------------------ the registry
+
+
+@dataclass
+class Runner:
+    """A method set up for one workload: `run()` is the timed call."""
+
+    scored: int
+    """Items one call of `run()` scores."""
+    run: Callable[[], Any]
+    error: Callable[[Any], float]
+    """Max |score − W·u| over the scored items, from one result of `run()`."""
+    info: Info = field(default_factory=dict)
+    """Facts about the setup worth recording (baby step, encoded bytes, ...)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to compute W·u, as the benchmarks see it.
+
+    `role`: "subject" methods are heserve's own and are what the regression gate
+    guards; "peer" methods are the yardsticks. `slice_items`: if set, the method is
+    timed on the first `slice_items` items only, because its cost per item does not
+    depend on the catalog size (and a whole catalog would take too long); the
+    report shows its rate beside every catalog size of the same d.
+    `memory_bytes(d, n)` estimates what setup allocates, so oversized cases are
+    skipped instead of swapping the machine. A run whose error exceeds
+    `max_abs_error` fails.
+    """
+
+    name: str
+    role: Role
+    description: str
+    setup: Callable[[Workload], Runner]
+    slice_items: int | None = None
+    memory_bytes: Callable[[int, int], int] = lambda dimension, items: 0
+    max_abs_error: float = 1e-4
+    """Largest error the benchmark accepts (unit-norm rows and query); the service
+    promises 1e-4 under the default parameters."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+# ------------------------------------------------------------------- heserve's engine
+
+
+@functools.cache
+def secret_context(params: CkksParameters = PARAMS) -> SecretContext:
+    """One client key pair for the whole run (key generation is not what is timed)."""
+    return SecretContext(params)
+
+
+def _plaintext_bytes(params: CkksParameters) -> int:
+    """One NTT plaintext at the query's level: N coefficients per data prime, 8 bytes each."""
+    return params.poly_modulus_degree * (len(params.coeff_modulus_bits) - 1) * 8
+
+
+def engine_memory_bytes(dimension: int, items: int, params: CkksParameters = PARAMS) -> int:
+    plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count)
+    chunks = -(-items // params.slot_count)
+    return chunks * plan.padded_dimension * _plaintext_bytes(params)
+
+
+def decrypt_scores(
+    secret: SecretContext, ciphertexts: list[seal.Ciphertext], count: int, slots: int
+) -> FloatArray:
+    """The first `count` scores held by per-chunk score ciphertexts of `slots` items each."""
+    parts = [
+        secret.decrypt(seal_io.to_bytes(ct), _MAX_BLOB_BYTES)[: min(slots, count - i * slots)]
+        for i, ct in enumerate(ciphertexts)
+    ]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def engine_setup(workload: Workload, params: CkksParameters = PARAMS) -> Runner:
+    """heserve's ScoringEngine: the catalog encoded once here, a query scored per call.
+
+    The timed call is `list(engine.score(plan, chunks, query, keys))`, including the
+    query's b − 1 baby rotations.
+    """
+    engine = ScoringEngine(params)
+    plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count)
+    chunks = engine.encode_catalog(plan, workload.catalog)
+    secret = secret_context(params)
+    keys = seal_io.load_galois_keys(
+        engine.context, secret.galois_keys(plan.rotation_steps), _MAX_BLOB_BYTES
+    )
+    query = seal_io.load_ciphertext(
+        engine.context, secret.encrypt(plan.query_slots(workload.query)), _MAX_BLOB_BYTES
+    )
+    expected = workload.expected()
+
+    def run() -> list[seal.Ciphertext]:
+        return list(engine.score(plan, chunks, query, keys))
+
+    def error(result: list[seal.Ciphertext]) -> float:
+        scores = decrypt_scores(secret, result, workload.items, params.slot_count)
+        return float(np.abs(scores - expected).max())
+
+    info: Info = {
+        "parameters": (
+            f"N={params.poly_modulus_degree} q={'/'.join(map(str, params.coeff_modulus_bits))} "
+            f"scales 2^{params.scale_bits}/2^{params.catalog_scale_bits}"
+        ),
+        "baby_step": plan.baby_step,
+        "chunks": len(chunks),
+        "rotations_per_query": plan.rotations_per_query(len(chunks)),
+        "encoded_bytes": engine_memory_bytes(workload.dimension, workload.items, params),
+    }
+    return Runner(scored=workload.items, run=run, error=error, info=info)
+
+
+# ------------------------------------------------------------------------------ numpy
+
+
+def numpy_setup(workload: Workload) -> Runner:
+    """Plaintext W @ u (float64, numpy's BLAS): the distance to it is the HE overhead."""
+    catalog = np.ascontiguousarray(workload.catalog)
+    query = workload.query
+
+    def run() -> FloatArray:
+        result: FloatArray = catalog @ query
+        return result
+
+    expected = workload.expected()
+    return Runner(
+        scored=workload.items,
+        run=run,
+        error=lambda result: float(np.abs(result - expected).max()),
+    )
+
+
+# ---------------------------------------------------------------------------- TenSEAL
+
+TENSEAL_THREADS = 1
+"""TenSEAL's own thread pool (matmul uses it); 1 keeps every HE method on one core."""
+
+
+@functools.cache
+def tenseal_context(threads: int = TENSEAL_THREADS, params: CkksParameters = PARAMS) -> Any:
+    """A TenSEAL context under heserve's parameters, with TenSEAL's default Galois keys."""
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_modulus_bits),
+        n_threads=threads,
+    )
+    context.global_scale = params.scale
+    context.generate_galois_keys()
+    return context
+
+
+def tenseal_dot_setup(workload: Workload, threads: int = TENSEAL_THREADS) -> Runner:
+    """TenSEAL CKKSVector.dot, one call per item: log2 rotations per item."""
+    context = tenseal_context(threads)
+    encrypted = ts.ckks_vector(context, workload.query.tolist())
+    rows = [row.tolist() for row in workload.catalog]
+    expected = workload.expected()
+
+    def run() -> list[Any]:
+        return [encrypted.dot(row) for row in rows]
+
+    def error(result: list[Any]) -> float:
+        scores = np.array([vector.decrypt()[0] for vector in result])
+        return float(np.abs(scores - expected).max())
+
+    return Runner(scored=workload.items, run=run, error=error, info={"threads": threads})
+
+
+def tenseal_matmul_setup(workload: Workload, threads: int = TENSEAL_THREADS) -> Runner:
+    """TenSEAL CKKSVector.matmul(W.T), up to one slot count of items per call.
+
+    The matrix is converted to a PlainTensor outside the timing; TenSEAL encodes
+    its diagonals inside every call (it has no way to keep them).
+    """
+    context = tenseal_context(threads)
+    encrypted = ts.ckks_vector(context, workload.query.tolist())
+    slots = PARAMS.slot_count
+    matrices = [
+        ts.plain_tensor(np.ascontiguousarray(workload.catalog[start : start + slots].T))
+        for start in range(0, workload.items, slots)
+    ]
+    expected = workload.expected()
+
+    def run() -> list[Any]:
+        return [encrypted.matmul(matrix) for matrix in matrices]
+
+    def error(result: list[Any]) -> float:
+        scores = np.concatenate([np.asarray(vector.decrypt()) for vector in result])
+        return float(np.abs(scores - expected).max())
+
+    return Runner(scored=workload.items, run=run, error=error, info={"threads": threads})
+
+
+register(
+    Method(
+        name="engine",
+        role="subject",
+        description="heserve ScoringEngine: BSGS diagonals encoded once, one query",
+        setup=engine_setup,
+        memory_bytes=engine_memory_bytes,
+    )
+)
+
+
+def _register_presets() -> None:
+    """One more subject per non-default parameter preset: "engine-fast", "engine-compact".
+
+    Their tolerances sit above the errors measured with these unit-norm workloads
+    (fast: up to ~4e-4, compact: up to ~1.5e-3, for d = 32 to 512).
+    """
+    tolerances = {"fast": 1e-3, "compact": 5e-3}
+
+    def method(preset: str, params: CkksParameters) -> Method:
+        def setup(workload: Workload) -> Runner:
+            return engine_setup(workload, params)
+
+        def memory_bytes(dimension: int, items: int) -> int:
+            return engine_memory_bytes(dimension, items, params)
+
+        return Method(
+            name=f"engine-{preset}",
+            role="subject",
+            description=f"heserve ScoringEngine under the {preset!r} preset",
+            setup=setup,
+            memory_bytes=memory_bytes,
+            max_abs_error=tolerances.get(preset, 1e-2),
+        )
+
+    for preset, params in PRESETS.items():
+        if params != PARAMS:
+            register(method(preset, params))
+
+
+_register_presets()
+register(
+    Method(
+        name="numpy",
+        role="peer",
+        description="plaintext numpy W @ u",
+        setup=numpy_setup,
+    )
+)
+register(
+    Method(
+        name="tenseal-dot",
+        role="peer",
+        description="TenSEAL CKKSVector.dot per item (1 thread)",
+        setup=tenseal_dot_setup,
+        slice_items=128,
+    )
+)
+register(
+    Method(
+        name="tenseal-matmul",
+        role="peer",
+        description="TenSEAL CKKSVector.matmul(W.T), matrix encoded per call (1 thread)",
+        setup=tenseal_matmul_setup,
+        slice_items=PARAMS.slot_count,
+    )
+)
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def memory_budget_bytes() -> int:
+    """What a case may allocate: BENCH_MAX_GIB (default 8) GiB, at most 70% of MemAvailable."""
+    cap = int(float(os.environ.get("BENCH_MAX_GIB", "8")) * (1 << 30))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    cap = min(cap, int(int(line.split()[1]) * 1024 * 0.7))
+    except OSError:
+        pass
+    return cap
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux), 0 if unknown."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def choose_rounds(
+    first_call_seconds: float, budget_seconds: float, min_rounds: int = 3, max_rounds: int = 200
+) -> tuple[int, int]:
+    """(rounds, iterations) so that the timing takes about `budget_seconds`.
+
+    Calls shorter than a millisecond are batched into iterations, so the timer's
+    own cost stays negligible.
+    """
+    call = max(first_call_seconds, 1e-7)
+    iterations = max(1, min(1000, int(1e-3 / call)))
+    rounds = int(budget_seconds / (call * iterations))
+    return max(min_rounds, min(max_rounds, rounds)), iterations
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A method set up for one case, with its warm-up call done."""
+
+    method: Method
+    workload: Workload
+    runner: Runner
+    setup_seconds: float
+    first_call_seconds: float
+    first_result: Any
+    resident_bytes: int
+
+
+def prepare(method: Method, workload: Workload) -> Prepared:
+    """Set the method up on `workload` (already sliced) and make one warm-up call."""
+    started = time.perf_counter()
+    runner = method.setup(workload)
+    setup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = runner.run()
+    first = time.perf_counter() - started
+    return Prepared(method, workload, runner, setup_seconds, first, result, resident_bytes())
+
+
+def time_calls(run: Callable[[], Any], rounds: int, iterations: int) -> tuple[float, Any]:
+    """Median seconds per call over `rounds` rounds of `iterations` calls, and a result."""
+    samples = []
+    result: Any = None
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(iterations):
+            result = run()
+        samples.append((time.perf_counter() - started) / iterations)
+    return statistics.median(samples), result
