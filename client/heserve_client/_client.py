@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,20 @@ from heserve_client._secret import SecretContext
 T = TypeVar("T")
 _KEY_CHUNK_BYTES = 1 << 20
 _CHANNEL_MESSAGE_BYTES = 16 << 20
+_MAX_PEM_BYTES = 1 << 20
+
+# A PEM file's path, or its contents.
+PemSource = str | os.PathLike[str] | bytes
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as file:
+        data = file.read(_MAX_PEM_BYTES + 1)
+    if len(data) > _MAX_PEM_BYTES or b"-----BEGIN " not in data:
+        raise ValueError(f"{os.fspath(source)} is not a PEM file")
+    return data
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,17 @@ class Client:
     `key_file`: where to keep the key pair across runs. If the file exists its key
     pair is used (it must match the server's parameters); if not, a new one is
     made and saved there. Without it, a fresh key pair lives in memory only.
+
+    Connection: `token` is sent as `authorization: Bearer <token>` on every call.
+    TLS is used when `tls` is true or any `tls_*` option is given: `tls_ca` is the CA
+    that signed the server's certificate (default: the system's roots), `tls_cert` and
+    `tls_key` the client's own certificate and key for mutual TLS (each a PEM path or
+    PEM bytes), `tls_server_name` the name to check the server's certificate against
+    when it differs from the target's host. Every call carries a deadline (`timeout`
+    seconds) and a fresh `x-request-id` (the last one is `last_request_id`). The
+    channel accepts messages of `max_message_bytes`, or of the server's announced
+    limit if that is larger. With `channel`, all of these but `token` and `timeout`
+    are the channel's business.
     """
 
     def __init__(
@@ -90,21 +116,50 @@ class Client:
         timeout: float = 120.0,
         channel: grpc.Channel | None = None,
         forget_keys_on_close: bool = True,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        max_message_bytes: int = _CHANNEL_MESSAGE_BYTES,
     ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
+            raise ValueError("the API token is empty or contains spaces")
         self.timeout = timeout
         self.forget_keys_on_close = forget_keys_on_close
         self.stats = TransferStats()
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", _CHANNEL_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _CHANNEL_MESSAGE_BYTES),
-            ],
-        )
+        self.last_request_id = ""
+        self.max_message_bytes = max_message_bytes
+        self._token = None if token is None else token.strip()
+        self._target = target
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._server_name = tls_server_name
+        if tls or tls_ca is not None or tls_cert is not None or tls_server_name is not None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca),
+                private_key=_pem(tls_key),
+                certificate_chain=_pem(tls_cert),
+            )
+        self._owns_channel = channel is None
+        self._channel = channel or self._open_channel()
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
-        self.server_info: pb.GetServerInfoResponse = self._call(
-            self._stub.GetServerInfo, pb.GetServerInfoRequest(), self.timeout
-        )
+        try:
+            self.server_info: pb.GetServerInfoResponse = self._rpc(
+                self._stub.GetServerInfo, pb.GetServerInfoRequest()
+            )
+        except HeserveError:
+            if self._owns_channel:
+                self._channel.close()
+            raise
+        announced = self.server_info.limits.max_message_bytes
+        if self._owns_channel and announced > self.max_message_bytes:
+            self._channel.close()  # reopen with room for the server's largest message
+            self.max_message_bytes = announced
+            self._channel = self._open_channel()
+            self._stub = pb_grpc.ScoringServiceStub(self._channel)
         ckks = self.server_info.ckks
         self.params = CkksParameters(
             poly_modulus_degree=ckks.poly_modulus_degree,
@@ -149,12 +204,35 @@ class Client:
                 self.delete_keys()
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], *args: Any) -> T:
-        """Call a stub method (or any callable) with a deadline, mapping gRPC errors."""
+    def _open_channel(self) -> grpc.Channel:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+        if self._credentials is None:
+            return grpc.insecure_channel(self._target, options=options)
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        return grpc.secure_channel(self._target, self._credentials, options=options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """This call's metadata: a fresh request id, and the API token if there is one."""
+        self.last_request_id = uuid.uuid4().hex
+        metadata = [("x-request-id", self.last_request_id)]
+        if self._token is not None:
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        return tuple(metadata)
+
+    def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a stub method (or any callable), mapping gRPC errors."""
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def _rpc(self, method: Callable[..., T], request: Any) -> T:
+        """Call a stub method with the deadline and the metadata, mapping gRPC errors."""
+        return self._call(method, request, timeout=self.timeout, metadata=self._metadata())
 
     def catalogs(self) -> list[CatalogInfo]:
         """Every catalog the server serves, fetched page by page."""
@@ -162,7 +240,7 @@ class Client:
         token = ""
         while True:
             request = pb.ListCatalogsRequest(page_token=token)
-            page = self._call(self._stub.ListCatalogs, request, self.timeout)
+            page = self._rpc(self._stub.ListCatalogs, request)
             infos.extend(
                 CatalogInfo(
                     name=c.name,
@@ -201,7 +279,7 @@ class Client:
         limit = self.server_info.limits.max_page_size
         while True:
             request = pb.ListItemsRequest(catalog=catalog, page_size=limit, page_token=token)
-            page = self._call(self._stub.ListItems, request, self.timeout)
+            page = self._rpc(self._stub.ListItems, request)
             ids.extend(page.item_ids)
             token = page.next_page_token
             if not token:
@@ -221,7 +299,7 @@ class Client:
                     galois_keys_chunk=blob[start : start + _KEY_CHUNK_BYTES]
                 )
 
-        reply = self._call(self._stub.RegisterKeys, chunks(), self.timeout)
+        reply = self._rpc(self._stub.RegisterKeys, chunks())
         self.stats.key_bytes_sent += len(blob)
         self.stats.registrations += 1
         self._session.key_id = reply.key_id
@@ -232,7 +310,7 @@ class Client:
         if not self._session.key_id:
             return False
         key_id, self._session.key_id = self._session.key_id, ""
-        reply = self._call(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id), self.timeout)
+        reply = self._rpc(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id))
         return bool(reply.deleted)
 
     def score(
@@ -281,7 +359,8 @@ class Client:
 
         def consume() -> None:
             nonlocal received, decrypting
-            for reply in self._stub.Score(request, timeout=self.timeout):
+            replies = self._stub.Score(request, timeout=self.timeout, metadata=self._metadata())
+            for reply in replies:
                 if reply.offset + reply.count > expected:
                     raise HeserveError("the server returned scores past the end of the request")
                 started = time.perf_counter()
