@@ -12,14 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from heserve import __version__
+from heserve import __version__, config, logs
+from heserve.auth import Authenticator, QueryBudget
 from heserve.backend import LocalBackend, ScoringBackend
 from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
 from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
 from heserve.progress import ProgressBar
-from heserve.scoring import KeyRetention, Scorer
-from heserve.server import serve_until_signalled, start_server
+from heserve.scoring import KeyRetention, Limits, Scorer
+from heserve.server import TlsConfig, serve_until_signalled, start_server
 from heserve.workers import ProcessBackend
+from heserve_client import HeserveError
 
 log = logging.getLogger("heserve")
 
@@ -41,7 +43,9 @@ def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> lis
     return [load_catalog(name, path, ids_by_name.get(name)) for name, path in specs]
 
 
-def _backend(args: argparse.Namespace, params: CkksParameters) -> ScoringBackend:
+def _backend(
+    args: argparse.Namespace | config.ServeConfig, params: CkksParameters
+) -> ScoringBackend:
     budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
     if args.workers == 0:
         return LocalBackend(params, budget)
@@ -53,6 +57,7 @@ def _scorer(
     retention: KeyRetention,
     params: CkksParameters,
     backend: ScoringBackend,
+    limits: Limits | None = None,
 ) -> Scorer:
     bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
     current = iter(catalogs)
@@ -63,26 +68,62 @@ def _scorer(
         if done == total:
             active[0] = next(current, active[0])
 
-    return Scorer(params, catalogs, retention=retention, progress=progress, backend=backend)
+    return Scorer(
+        params, catalogs, limits=limits, retention=retention, progress=progress, backend=backend
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    catalogs = _catalogs(args.catalog, args.ids)
-    retention = KeyRetention(
-        ttl_seconds=args.key_ttl, max_keys=args.max_keys, max_bytes=args.max_key_store_bytes
+    settings = config.resolve(args, os.environ)
+    logs.configure(settings.log_level, settings.log_format)
+    # Everything that can be wrong with the files is found before the catalogs are encoded.
+    authenticator = Authenticator.load(settings.tokens_file, settings.tokens)
+    budget = (
+        QueryBudget(settings.query_budget, settings.query_budget_window)
+        if settings.query_budget
+        else None
     )
-    params = PRESETS[args.preset]
-    backend = _backend(args, params)
+    tls = (
+        TlsConfig.from_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert is not None and settings.tls_key is not None
+        else None
+    )
+    catalogs = _catalogs(list(settings.catalog), list(settings.ids))
+    retention = KeyRetention(
+        ttl_seconds=settings.key_ttl,
+        max_keys=settings.max_keys,
+        max_bytes=settings.max_key_store_bytes,
+    )
+    params = PRESETS[settings.preset]
+    backend = _backend(settings, params)
     try:
-        scorer = _scorer(catalogs, retention, params, backend)
-        running = start_server(scorer, args.host, args.port, args.threads)
+        limits = Limits(max_message_bytes=settings.max_message_bytes)
+        scorer = _scorer(catalogs, retention, params, backend, limits)
+        running = start_server(
+            scorer,
+            settings.host,
+            settings.port,
+            settings.threads,
+            tls=tls,
+            authenticator=authenticator,
+            query_budget=budget,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+            metrics_port=settings.metrics_port or None,
+            metrics_host=settings.metrics_host,
+        )
+        features = [f"preset {settings.preset}", f"{backend.shard_count} shard(s)"]
+        if tls is not None:
+            features.append("mutual TLS" if tls.client_ca else "TLS")
+        if authenticator is not None:
+            features.append(f"{len(authenticator)} API token(s)")
+        if running.metrics_port is not None:
+            features.append(f"metrics on {settings.metrics_host}:{running.metrics_port}")
         print(
             f"heserve {__version__} serving {len(catalogs)} catalog(s) on "
-            f"{args.host}:{running.port} (preset {args.preset}, "
-            f"{backend.shard_count} shard(s))",
+            f"{settings.host}:{running.port} ({', '.join(features)})",
             flush=True,
         )
-        serve_until_signalled(running)
+        serve_until_signalled(running, settings.shutdown_grace)
     finally:
         backend.close()
     return 0
@@ -93,11 +134,31 @@ def _print_ranking(rows: Sequence[tuple[str, float]]) -> None:
         print(f"{rank:>4}  {item_id:<24} {score:+.6f}")
 
 
+def _client_token(path: Path | None) -> str | None:
+    """The token in `path` (its first entry; a NAME:TOKEN line gives TOKEN), else HESERVE_TOKEN."""
+    if path is None:
+        return os.environ.get("HESERVE_TOKEN", "").strip() or None
+    for line in path.read_text().splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            return entry.rpartition(":")[2].strip()
+    raise ValueError(f"{path} holds no token")
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from heserve_client import Client
 
     vector = np.load(args.vector, allow_pickle=False)
-    with Client(args.server, key_file=args.key_file) as client:
+    with Client(
+        args.server,
+        key_file=args.key_file,
+        token=_client_token(args.token_file),
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+    ) as client:
         _print_ranking(client.recommend(vector, catalog=args.catalog, k=args.k))
     return 0
 
@@ -193,37 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"heserve {__version__}")
     parser.add_argument(
-        "--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)"
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help="logging level (DEBUG, INFO, WARNING, ERROR); default WARNING, or INFO for serve",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC scoring server")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=50051, help="port to listen on (0: any)")
-    serve.add_argument(
-        "--catalog",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="serve an .npy (n × d) or .npz (embeddings, ids) catalog; repeatable. "
-        "Without any, the embedded demo catalog is served",
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC scoring server",
+        description="Run the gRPC scoring server.",
+        epilog=config.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument(
-        "--ids",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="item ids for an .npy catalog, one per line (default: row numbers)",
-    )
-    serve.add_argument("--key-ttl", type=int, default=3600, help="seconds an unused key lives")
-    serve.add_argument("--max-keys", type=int, default=256, help="most key sets held")
-    serve.add_argument(
-        "--max-key-store-bytes", type=int, default=1 << 30, help="most bytes of keys held"
-    )
-    serve.add_argument("--threads", type=int, default=8, help="gRPC worker threads")
-    _add_engine_options(serve)
+    config.add_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="run a server and a client end to end, in process")
@@ -242,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument(
         "--key-file", type=Path, help="keep the key pair in this file across runs"
     )
+    recommend.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the API token (default: the HESERVE_TOKEN variable, if set)",
+    )
+    recommend.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CA certificates"
+    )
+    recommend.add_argument(
+        "--tls-ca", type=Path, metavar="PATH", help="use TLS, trusting this CA (PEM)"
+    )
+    recommend.add_argument(
+        "--tls-cert", type=Path, metavar="PATH", help="client certificate (PEM), for mutual TLS"
+    )
+    recommend.add_argument(
+        "--tls-key", type=Path, metavar="PATH", help="private key of --tls-cert (PEM)"
+    )
+    recommend.add_argument(
+        "--tls-server-name", metavar="NAME", help="name the server's certificate must carry"
+    )
     recommend.set_defaults(handler=cmd_recommend)
     return parser
 
@@ -249,11 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(args, "log_level", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         result: int = args.handler(args)
-    except (CatalogError, OSError, ValueError) as exc:
+    except (CatalogError, OSError, ValueError, HeserveError) as exc:
         print(f"heserve: error: {exc}", file=sys.stderr)
         return 2
     return result
