@@ -20,6 +20,7 @@ from heserve.catalog import unit_rows
 from heserve.engine import ScoringEngine
 from heserve.packing import DiagonalPlan, query_slots
 from heserve.params import DEFAULT_PRESET, PRESETS
+from heserve.protection import NoiseAdder, ScoreProtection
 from heserve_client import SecretContext
 
 
@@ -35,13 +36,21 @@ class PresetPrecision:
     response_bytes_per_4096_items: float
 
 
-def measure(preset: str, items: int, dimension: int, queries: int, seed: int) -> PresetPrecision:
+def measure(
+    preset: str,
+    items: int,
+    dimension: int,
+    queries: int,
+    seed: int,
+    protection: ScoreProtection | None = None,
+) -> PresetPrecision:
     """Score `queries` random unit vectors against one random unit-norm catalog."""
     params = PRESETS[preset]
     engine = ScoringEngine(params)
     plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count)
     catalog = unit_rows(items, dimension, seed)
     chunks = engine.encode_catalog(plan, catalog)
+    add_noise = NoiseAdder(params, preset, protection or ScoreProtection())
     secret = SecretContext(params)
     key_blob = secret.galois_keys(plan.rotation_steps)
     keys = seal_io.load_galois_keys(engine.context, key_blob, 1 << 30)
@@ -53,7 +62,7 @@ def measure(preset: str, items: int, dimension: int, queries: int, seed: int) ->
         blob = secret.encrypt(query_slots(vector, dimension, params.slot_count))
         query = seal_io.load_ciphertext(engine.context, blob, 1 << 24)
         responses = [
-            seal_io.ciphertext_to_wire(seal_io.to_bytes(scores))
+            add_noise(seal_io.ciphertext_to_wire(seal_io.to_bytes(scores)))
             for scores in engine.score(plan, chunks, query, keys)
         ]
         scores = np.concatenate([secret.decrypt(r, 1 << 24) for r in responses])[:items]
@@ -82,6 +91,9 @@ def main() -> None:
     parser.add_argument("--dimension", type=int, default=128)
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument(
+        "--protection", action="store_true", help="also measure the recall cost of noise settings"
+    )
     args = parser.parse_args()
     print(
         f"precision per preset: {args.items:,} unit-norm items × {args.dimension} dims, "
@@ -108,6 +120,32 @@ def main() -> None:
             f"{row.response_bytes_per_4096_items / 1000:,.0f} KB",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.protection:
+        _protection_table(args)
+
+
+PROTECTION_SETTINGS = [
+    ScoreProtection(),
+    ScoreProtection(flood_bits=8),
+    ScoreProtection(flood_bits=12),
+    ScoreProtection(flood_bits=16),
+    ScoreProtection(score_noise_std=1e-3),
+    ScoreProtection(score_noise_std=1e-2),
+    ScoreProtection(flood_bits=12, score_noise_std=1e-3),
+]
+
+
+def _protection_table(args: argparse.Namespace) -> None:
+    print(f"\nrecall cost of catalog protection (preset {DEFAULT_PRESET})\n")
+    print("| flood bits | score noise std | max abs error | recall@10 mean | recall@10 min |")
+    print("|---|---|---|---|---|")
+    for setting in PROTECTION_SETTINGS:
+        row = measure(DEFAULT_PRESET, args.items, args.dimension, args.queries, args.seed, setting)
+        print(
+            f"| {setting.flood_bits} | {setting.score_noise_std:g} | {row.max_abs_error:.1e} "
+            f"| {row.mean_recall_at_10:.3f} | {row.min_recall_at_10:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

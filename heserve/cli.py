@@ -18,6 +18,7 @@ from heserve.backend import LocalBackend, ScoringBackend
 from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
 from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
 from heserve.progress import ProgressBar
+from heserve.protection import ScoreProtection
 from heserve.scoring import KeyRetention, Limits, Scorer
 from heserve.server import TlsConfig, serve_until_signalled, start_server
 from heserve.workers import ProcessBackend
@@ -47,6 +48,14 @@ def _backend(
     args: argparse.Namespace | config.ServeConfig, params: CkksParameters
 ) -> ScoringBackend:
     budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
+    if getattr(args, "backend", "process") == "ray":
+        try:
+            from heserve.ray_backend import RayBackend
+        except ImportError:
+            raise config.ConfigError(
+                "--backend ray needs Ray: pip install 'heserve[ray]'"
+            ) from None
+        return RayBackend(params, args.ray_address, args.workers or None, budget)
     if args.workers == 0:
         return LocalBackend(params, budget)
     return ProcessBackend(params, args.workers, budget)
@@ -58,6 +67,7 @@ def _scorer(
     params: CkksParameters,
     backend: ScoringBackend,
     limits: Limits | None = None,
+    protection: ScoreProtection | None = None,
 ) -> Scorer:
     bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
     current = iter(catalogs)
@@ -69,7 +79,13 @@ def _scorer(
             active[0] = next(current, active[0])
 
     return Scorer(
-        params, catalogs, limits=limits, retention=retention, progress=progress, backend=backend
+        params,
+        catalogs,
+        limits=limits,
+        retention=retention,
+        progress=progress,
+        backend=backend,
+        protection=protection,
     )
 
 
@@ -98,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = _backend(settings, params)
     try:
         limits = Limits(max_message_bytes=settings.max_message_bytes)
-        scorer = _scorer(catalogs, retention, params, backend, limits)
+        protection = ScoreProtection(settings.flood_bits, settings.score_noise_std)
+        scorer = _scorer(catalogs, retention, params, backend, limits, protection)
         running = start_server(
             scorer,
             settings.host,
@@ -111,7 +128,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.metrics_host,
         )
-        features = [f"preset {settings.preset}", f"{backend.shard_count} shard(s)"]
+        features = [
+            f"preset {settings.preset}",
+            f"{backend.shard_count} {settings.backend} shard(s)",
+        ]
+        if protection.enabled:
+            features.append(
+                f"noise: flood {settings.flood_bits} bits, score std {settings.score_noise_std:g}"
+            )
         if tls is not None:
             features.append("mutual TLS" if tls.client_ca else "TLS")
         if authenticator is not None:

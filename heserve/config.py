@@ -86,11 +86,44 @@ OPTIONS: tuple[Option, ...] = (
         shown_default="one per core",
     ),
     Option(
+        "backend",
+        "str",
+        "process",
+        "where catalog shards live: worker processes on this machine (process) or Ray "
+        "actors on a Ray cluster (ray, needs heserve[ray])",
+        choices=("process", "ray"),
+    ),
+    Option(
+        "ray-address",
+        "str",
+        None,
+        "Ray cluster to join with --backend ray (e.g. ray://head:10001 or HOST:6379; "
+        "default: RAY_ADDRESS, else a local Ray)",
+        metavar="ADDRESS",
+    ),
+    Option(
         "memory-budget-mib",
         "int",
         None,
         "memory for encoded catalog chunks, in MiB; chunks past it are encoded per query",
         shown_default="no limit",
+    ),
+    Option(
+        "flood-bits",
+        "int",
+        0,
+        "noise flooding: fresh noise 2^BITS times the preset's CKKS noise on every score, "
+        "so decrypted noise says nothing of the catalog; costs BITS bits of precision "
+        "(0: off; see the README's threat model)",
+        metavar="BITS",
+    ),
+    Option(
+        "score-noise-std",
+        "float",
+        0.0,
+        "Gaussian noise of this standard deviation on every score (differential privacy "
+        "for the catalog; 0: off)",
+        metavar="STD",
     ),
     Option("key-ttl", "int", 3600, "seconds an unused key lives"),
     Option("max-keys", "int", 256, "most key sets held"),
@@ -178,7 +211,11 @@ class ServeConfig:
     ids: tuple[tuple[str, Path], ...]
     preset: str
     workers: int
+    backend: str
+    ray_address: str | None
     memory_budget_mib: int | None
+    flood_bits: int
+    score_noise_std: float
     key_ttl: int
     max_keys: int
     max_key_store_bytes: int
@@ -213,6 +250,8 @@ class ServeConfig:
             "max_message_bytes": MIN_MESSAGE_BYTES,
             "query_budget": 0,
             "shutdown_grace": 0,
+            "flood_bits": 0,
+            "score_noise_std": 0,
         }
         for name, low in at_least.items():
             value = getattr(self, name)

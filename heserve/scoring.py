@@ -31,6 +31,7 @@ from heserve.errors import (
 from heserve.keystore import KeyStore, KeyTooLargeError
 from heserve.packing import DiagonalPlan
 from heserve.params import PRESETS, CkksParameters
+from heserve.protection import NoiseAdder, ScoreProtection
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,12 @@ class Scorer:
         retention: KeyRetention | None = None,
         progress: Progress | None = None,
         backend: ScoringBackend | None = None,
+        protection: ScoreProtection | None = None,
     ) -> None:
         self.params = params
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
+        self.protection = protection or ScoreProtection()
+        self._add_noise = NoiseAdder(params, self.preset, self.protection)
         self.limits = limits or Limits()
         self.retention = retention or KeyRetention()
         self.engine = ScoringEngine(params)
@@ -212,7 +216,7 @@ class Scorer:
             for index, scores in enumerate(runs):
                 offset = index * slots
                 yield ScoredRun(
-                    scores=seal_io.ciphertext_to_wire(scores),
+                    scores=self._add_noise(seal_io.ciphertext_to_wire(scores)),
                     offset=offset,
                     count=min(slots, count - offset),
                     index=index,
