@@ -327,13 +327,20 @@ def test_calls_past_max_concurrent_rpcs_are_resource_exhausted(
     release = threading.Event()
 
     def held_open() -> Iterator[pb.RegisterKeysRequest]:
+        # One empty chunk gets the call onto the server (a stream that has sent
+        # nothing may not have started there yet); then nothing until released.
+        yield pb.RegisterKeysRequest()
         release.wait(TIMEOUT)
-        return
-        yield  # a generator that sends nothing until released
 
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
         busy = stub.RegisterKeys.future(held_open(), timeout=TIMEOUT)
+        # Let the held call take the only slot before any probe can compete for it.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and not busy.done():
+            time.sleep(0.05)
+        assert not busy.done(), "the held call was refused or ended early"
 
         def info_code() -> grpc.StatusCode:
             try:
@@ -343,12 +350,15 @@ def test_calls_past_max_concurrent_rpcs_are_resource_exhausted(
                 return error.code()
             return grpc.StatusCode.OK
 
+        registry = server.metrics.registry
         deadline = time.monotonic() + 10
-        code = info_code()
-        while code == grpc.StatusCode.OK and time.monotonic() < deadline:
-            time.sleep(0.05)  # until the server has taken the held call
-            code = info_code()
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        while (
+            registry.get_sample_value("heserve_requests_in_flight") != 1
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)  # until the server runs the held call (probing earlier would race it)
+        assert not busy.done()
+        assert info_code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
         release.set()
         with pytest.raises(grpc.RpcError):
