@@ -589,4 +589,4 @@ def test_the_client_sends_its_token_and_a_deadline_on_every_call(
     assert "DeleteKeys" in methods
     for line in lines:
         assert line["caller"] == "svc" and line["code"] == "OK"
-        assert 0 < line["deadline_ms"] <= 46_000
+        assert 0 < line["deadline_ms"] <= 47_000  # gRPC rounds the wire timeout up
