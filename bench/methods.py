@@ -28,7 +28,7 @@ import tenseal.sealapi as seal
 
 from heserve import seal_io
 from heserve.engine import ScoringEngine
-from heserve.packing import DiagonalPlan
+from heserve.packing import DiagonalPlan, unpack_complex
 from heserve.params import DEFAULT_PARAMETERS, PRESETS, CkksParameters
 from heserve_client._secret import SecretContext
 
@@ -182,9 +182,13 @@ def engine_memory_bytes(dimension: int, items: int, params: CkksParameters = PAR
 def decrypt_scores(
     secret: SecretContext, ciphertexts: list[seal.Ciphertext], count: int, slots: int
 ) -> FloatArray:
-    """The first `count` scores held by per-chunk score ciphertexts of `slots` items each."""
+    """The first `count` scores held by per-chunk complex score ciphertexts (2 × `slots` each)."""
+    per_chunk = 2 * slots
     parts = [
-        secret.decrypt(seal_io.to_bytes(ct), _MAX_BLOB_BYTES)[: min(slots, count - i * slots)]
+        unpack_complex(
+            secret.decrypt_complex(seal_io.to_bytes(ct), _MAX_BLOB_BYTES),
+            min(per_chunk, count - i * per_chunk),
+        )
         for i, ct in enumerate(ciphertexts)
     ]
     return np.concatenate(parts) if parts else np.empty(0)

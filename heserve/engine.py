@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as seal
 
-from heserve.packing import DiagonalPlan, FloatArray
+from heserve.packing import DiagonalPlan, FloatArray, imaginary_signs
 from heserve.params import CkksParameters
 
 Progress = Callable[[int, int], None]
@@ -52,9 +52,10 @@ class ScoringEngine:
         self._encoder = seal.CKKSEncoder(self.context)
         self._evaluator = seal.Evaluator(self.context)
         self._query_parms_id = self.context.first_parms_id()
+        self._minus_i_cache: dict[tuple[int, ...], seal.Plaintext] = {}
 
     def encode_rows(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk:
-        """Encode the diagonals of up to S rows at the query's level."""
+        """Encode the complex diagonals of up to 2S rows at the query's level."""
         diagonals: list[seal.Plaintext | None] = []
         for values in plan.diagonals(rows):
             if not values.any():
@@ -89,12 +90,12 @@ class ScoringEngine:
         Chunks past the budget stay as rows and are encoded on the fly per query:
         slower, but a catalog larger than memory still serves.
         """
-        slots = plan.slot_count
-        total = -(-embeddings.shape[0] // slots)
+        size = plan.items_per_chunk
+        total = -(-embeddings.shape[0] // size)
         budget = memory_budget if memory_budget is not None else float("inf")
         chunks: list[Chunk] = []
         for index in range(total):
-            rows = embeddings[index * slots : (index + 1) * slots]
+            rows = embeddings[index * size : (index + 1) * size]
             if (index + 1) * encoded_chunk_bytes(self.params, plan) <= budget:
                 chunks.append(self.encode_rows(plan, rows))
             else:
@@ -165,6 +166,39 @@ class ScoringEngine:
                 evaluator.add_inplace(result, inner)
         assert result is not None  # encode_rows refuses all-zero chunks
         return result
+
+    def split_complex(
+        self, scores: seal.Ciphertext, keys: seal.GaloisKeys
+    ) -> tuple[seal.Ciphertext, seal.Ciphertext]:
+        """Two ciphertexts with real slots from one complex one: for real-only decoders.
+
+        With z_j = a_j + i s_j b_j (s = imaginary_signs): z + conj(z) = 2a and
+        (z - conj(z)) * (-i s) = 2b. The plaintext -i s at scale 1 is the monomial
+        -X^(N/2), encoded exactly, so the scale is kept; doubling the recorded scale
+        halves both results: no precision is spent. Needs the conjugation key
+        (Galois element 2N - 1).
+        """
+        evaluator = self._evaluator
+        conjugate = seal.Ciphertext()
+        evaluator.complex_conjugate(scores, keys, conjugate)
+        imaginary = seal.Ciphertext()
+        evaluator.sub(scores, conjugate, imaginary)
+        evaluator.multiply_plain_inplace(imaginary, self._minus_i(scores.parms_id()))
+        real = seal.Ciphertext()
+        evaluator.add(scores, conjugate, real)
+        for part in (real, imaginary):
+            part.scale = 2 * scores.scale
+        return real, imaginary
+
+    def _minus_i(self, parms_id: list[int]) -> seal.Plaintext:
+        key = tuple(parms_id)
+        plaintext = self._minus_i_cache.get(key)
+        if plaintext is None:
+            plaintext = seal.Plaintext()
+            monomial = -1j * imaginary_signs(self.params.slot_count)
+            self._encoder.encode(monomial.tolist(), parms_id, 1.0, plaintext)
+            self._minus_i_cache[key] = plaintext
+        return plaintext
 
     def score(
         self,

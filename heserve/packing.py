@@ -4,7 +4,11 @@ The math is in ENGINE.md. In short, with S slots and the dimension padded to a
 power of two d' that divides S:
 
 - the query holds u (zero-padded to d') repeated across all S slots;
-- a chunk of S catalog rows is stored as d' diagonals, D[j][i] = W[i, (i+j) mod d'];
+- a chunk of 2S catalog rows is stored as d' diagonals of complex slots,
+  D[j][i] = W[i, (i+j) mod d'] + 1j * (-1)^i * W[S+i, (i+j) mod d']: CKKS slots
+  are complex and the query is real, so one product scores two rows per slot, the
+  first S in the real parts and the next S (signed, see `imaginary_signs`) in the
+  imaginary parts: half the multiplications, chunks and response bytes;
 - with j = g*b + k, diagonal j is pre-rotated right by g*b, so that
   scores = sum_g rot( sum_k D'[g*b+k] * rot(q, k), g*b ).
 
@@ -20,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
+ComplexArray = npt.NDArray[np.complex128]
 
 
 def _next_power_of_two(value: int) -> int:
@@ -41,6 +46,29 @@ def query_slots(vector: npt.ArrayLike, dimension: int, slot_count: int) -> Float
     padded = np.zeros(padded_dimension)
     padded[:dimension] = u
     return np.tile(padded, slot_count // padded_dimension)
+
+
+def imaginary_signs(slot_count: int) -> FloatArray:
+    """(-1)^i: the sign the imaginary half of the scores carries in slot i.
+
+    In SEAL's slot order the monomial X^(N/2) is the slot vector i * (-1)^j, so
+    with this sign on the imaginary half, splitting a complex result into two real
+    ones takes one multiplication by an exact monomial (no scale, no precision).
+    """
+    signs: FloatArray = 1.0 - 2.0 * (np.arange(slot_count) % 2)
+    return signs
+
+
+def unpack_complex(slots: ComplexArray, count: int) -> FloatArray:
+    """The `count` scores of a complex-slot result: real parts, then signed imaginary parts."""
+    half = slots.shape[0]
+    if not 0 <= count <= 2 * half:
+        raise ValueError(f"a complex result holds at most {2 * half} scores, not {count}")
+    rest = max(0, count - half)
+    scores: FloatArray = np.concatenate(
+        [slots.real[: min(count, half)], slots.imag[:rest] * imaginary_signs(half)[:rest]]
+    )
+    return scores
 
 
 @dataclass(frozen=True)
@@ -71,7 +99,7 @@ class DiagonalPlan:
         chunks per shard. Ties go to the larger b (fewer per-chunk rotations).
         """
         padded = _next_power_of_two(dimension)
-        chunks = max(1, -(-item_count // (slot_count * max(1, shards))))
+        chunks = max(1, -(-item_count // (2 * slot_count * max(1, shards))))
         candidates = [1 << e for e in range(padded.bit_length())]
         best = min(candidates, key=lambda b: ((b - 1) + chunks * (padded // b - 1), -b))
         return cls(dimension=dimension, slot_count=slot_count, baby_step=best)
@@ -80,6 +108,11 @@ class DiagonalPlan:
     def padded_dimension(self) -> int:
         """d rounded up to a power of two, d'."""
         return _next_power_of_two(self.dimension)
+
+    @property
+    def items_per_chunk(self) -> int:
+        """Rows per output ciphertext: S in the real parts and S in the imaginary parts."""
+        return 2 * self.slot_count
 
     @property
     def giant_count(self) -> int:
@@ -104,23 +137,26 @@ class DiagonalPlan:
         """The query layout for this plan's dimension; see `query_slots`."""
         return query_slots(vector, self.dimension, self.slot_count)
 
-    def diagonals(self, rows: FloatArray) -> FloatArray:
-        """The d' pre-rotated diagonals of up to S rows, as a (d', S) array.
+    def diagonals(self, rows: FloatArray) -> ComplexArray:
+        """The d' pre-rotated complex diagonals of up to 2S rows, as a (d', S) array.
 
-        Row j*... of the result is D[j] rotated right by (j // b) * b, ready to
-        encode; slots past the last row are zero.
+        Row j of the result is D[j] rotated right by (j // b) * b, ready to encode:
+        rows 0 .. S-1 in the real parts, rows S .. 2S-1 in the imaginary parts;
+        slots past the last row are zero.
         """
         count = rows.shape[0]
-        if count > self.slot_count or rows.shape[1] != self.dimension:
+        if count > self.items_per_chunk or rows.shape[1] != self.dimension:
             raise ValueError(
-                f"expected at most {self.slot_count} rows of dimension {self.dimension}"
+                f"expected at most {self.items_per_chunk} rows of dimension {self.dimension}"
             )
         d_pad = self.padded_dimension
-        block = np.zeros((self.slot_count, d_pad))
+        block = np.zeros((self.items_per_chunk, d_pad))
         block[:count, : self.dimension] = rows
+        block[self.slot_count :] *= imaginary_signs(self.slot_count)[:, None]
         slot = np.arange(self.slot_count)[None, :]
         j = np.arange(d_pad)[:, None]
-        diagonals: FloatArray = block[slot, (slot + j) % d_pad]
+        columns = (slot + j) % d_pad
+        diagonals: ComplexArray = block[slot, columns] + 1j * block[self.slot_count + slot, columns]
         for g in range(1, self.giant_count):
             start = g * self.baby_step
             diagonals[start : start + self.baby_step] = np.roll(

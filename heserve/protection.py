@@ -31,7 +31,6 @@ import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
-from heserve import seal_io
 from heserve.params import CkksParameters
 
 # Typical std of one score's CKKS noise per preset (slot units), measured with
@@ -67,28 +66,31 @@ def _gaussian(count: int) -> npt.NDArray[np.float64]:
 
 
 class NoiseAdder:
-    """Adds the configured noise to serialized score ciphertexts."""
+    """Adds the configured noise to score ciphertexts."""
 
     def __init__(self, params: CkksParameters, preset: str, protection: ScoreProtection) -> None:
         self.protection = protection
-        self._context = params.seal_context()
-        self._encoder = seal.CKKSEncoder(self._context)
-        self._evaluator = seal.Evaluator(self._context)
+        context = params.seal_context()
+        self._encoder = seal.CKKSEncoder(context)
+        self._evaluator = seal.Evaluator(context)
         self._slots = params.slot_count
         base = MEASURED_NOISE_STD.get(preset, max(MEASURED_NOISE_STD.values()))
         self.flood_std = base * 2.0**protection.flood_bits if protection.flood_bits else 0.0
 
-    def __call__(self, scores: bytes) -> bytes:
-        """`scores` with fresh noise added; unchanged when protection is off."""
+    def add_to(self, ciphertext: seal.Ciphertext) -> None:
+        """Add fresh noise to a score ciphertext in place; nothing when protection is off.
+
+        Score noise goes on both the real and the imaginary parts of every slot (the
+        two halves of a chunk's scores); flooding noise too.
+        """
         if not self.protection.enabled:
-            return scores
-        ciphertext = seal_io.load_ciphertext(self._context, scores, len(scores) + 4096)
-        real = self.protection.score_noise_std * _gaussian(self._slots)
-        noise = real.astype(np.complex128)
+            return
+        count = self._slots
+        normal = _gaussian(2 * count)
+        noise = self.protection.score_noise_std * (normal[:count] + 1j * normal[count:])
         if self.flood_std:
-            flood = _gaussian(2 * self._slots) * (self.flood_std / math.sqrt(2))
-            noise += flood[: self._slots] + 1j * flood[self._slots :]
+            flood = _gaussian(2 * count) * (self.flood_std / math.sqrt(2))
+            noise += flood[:count] + 1j * flood[count:]
         plaintext = seal.Plaintext()
         self._encoder.encode(noise.tolist(), ciphertext.parms_id(), ciphertext.scale, plaintext)
         self._evaluator.add_plain_inplace(ciphertext, plaintext)
-        return seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext))

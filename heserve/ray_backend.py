@@ -137,7 +137,7 @@ class RayBackend:
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        slots = plan.slot_count
+        slots = plan.items_per_chunk
         total = -(-embeddings.shape[0] // slots)
         budget = _UNBOUNDED
         if self.memory_budget is not None:

@@ -34,6 +34,10 @@ from heserve.params import PRESETS, CkksParameters
 from heserve.protection import NoiseAdder, ScoreProtection
 
 log = logging.getLogger(__name__)
+# SEAL's rotation step for complex conjugation (Galois element 2N - 1).
+CONJUGATION_STEP = 0
+# Results come from our own engine or workers, already bounded by construction.
+_OWN_RESULT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class Scorer:
         self.params = params
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
         self.protection = protection or ScoreProtection()
-        self._add_noise = NoiseAdder(params, self.preset, self.protection)
+        self._noise = NoiseAdder(params, self.preset, self.protection)
+        self._conjugation = seal_io.galois_element(CONJUGATION_STEP, params.poly_modulus_degree)
         self.limits = limits or Limits()
         self.retention = retention or KeyRetention()
         self.engine = ScoringEngine(params)
@@ -124,7 +129,8 @@ class Scorer:
             served[catalog.name] = ServedCatalog(catalog, plan)
         self.catalogs: Mapping[str, ServedCatalog] = dict(sorted(served.items()))
         steps = {step for entry in self.catalogs.values() for step in entry.plan.rotation_steps}
-        self.galois_steps = tuple(sorted(steps))
+        # Step 0 (complex conjugation) comes first: needed for real-slot scores only.
+        self.galois_steps = (CONJUGATION_STEP, *sorted(steps))
         self._galois_elements = [
             seal_io.galois_element(step, params.poly_modulus_degree) for step in self.galois_steps
         ]
@@ -161,7 +167,7 @@ class Scorer:
         missing = [
             step
             for step, element in zip(self.galois_steps, self._galois_elements, strict=True)
-            if not keys.has_key(element)
+            if step != CONJUGATION_STEP and not keys.has_key(element)
         ]
         if missing:
             raise InvalidArgumentError(
@@ -184,9 +190,20 @@ class Scorer:
         return self.keys.delete(key_id)
 
     def score(
-        self, key_id: str, catalog_name: str, query: bytes, item_ids: list[str], version: str = ""
+        self,
+        key_id: str,
+        catalog_name: str,
+        query: bytes,
+        item_ids: list[str],
+        version: str = "",
+        complex_scores: bool = False,
     ) -> Iterator[ScoredRun]:
-        """Check the whole request, then yield encrypted score runs in order."""
+        """Check the whole request, then yield encrypted score runs in order.
+
+        Each chunk's result holds 2S scores in complex slots. A client that decodes
+        complex slots gets it as it is; for any other, it is split into two
+        real-slot ciphertexts of S scores each (which needs the conjugation key).
+        """
         entry = self.catalog(catalog_name)
         catalog = entry.catalog
         if version and version != catalog.version:
@@ -200,32 +217,46 @@ class Scorer:
                 f"unknown or expired key_id {key_id[:12]!r}; register keys again",
                 reason=KEY_NOT_FOUND,
             )
+        if not complex_scores and not keys.value.has_key(self._conjugation):
+            raise FailedPreconditionError(
+                "real-slot scores need the conjugation key (rotation step 0, Galois element "
+                "2N-1) in the registered keys; register keys with it, or ask for complex_scores"
+            )
         ciphertext = Sealed(query, self._load_query(query))
-        slots = self.params.slot_count
+        per_chunk = entry.plan.items_per_chunk
         if positions is None:
             runs = self.backend.score(catalog_name, key_id, keys, ciphertext)
             count = catalog.item_count
         else:
             rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
-            chunks = [rows[start : start + slots] for start in range(0, len(positions), slots)]
+            chunks = [rows[at : at + per_chunk] for at in range(0, len(positions), per_chunk)]
             results = self.engine.score(entry.plan, chunks, ciphertext.value, keys.value)
             runs = (seal_io.to_bytes(scores) for scores in results)
             count = len(positions)
-        total = -(-count // slots)
+        per_response = per_chunk if complex_scores else self.params.slot_count
+        total = -(-count // per_response)
+        index = 0
         try:
-            for index, scores in enumerate(runs):
-                offset = index * slots
-                yield ScoredRun(
-                    scores=self._add_noise(seal_io.ciphertext_to_wire(scores)),
-                    offset=offset,
-                    count=min(slots, count - offset),
-                    index=index,
-                    total=total,
-                )
+            for scores in runs:
+                for part in self._finish(scores, keys.value, complex_scores):
+                    offset = index * per_response
+                    if offset >= count:
+                        break  # the imaginary half of a last chunk with S items or fewer
+                    yield ScoredRun(part, offset, min(per_response, count - offset), index, total)
+                    index += 1
         except ScoringError as exc:
             raise InvalidArgumentError(str(exc)) from None
         except ShardUnavailableError as exc:
             raise UnavailableError(f"{exc}; retry the query") from None
+
+    def _finish(self, scores: bytes, keys: seal.GaloisKeys, complex_scores: bool) -> list[bytes]:
+        """A chunk's result as it goes on the wire: with noise, split if real slots were asked."""
+        if complex_scores and not self.protection.enabled:
+            return [seal_io.ciphertext_to_wire(scores)]
+        ciphertext = seal_io.load_ciphertext(self.engine.context, scores, _OWN_RESULT_BYTES)
+        self._noise.add_to(ciphertext)
+        parts = [ciphertext] if complex_scores else self.engine.split_complex(ciphertext, keys)
+        return [seal_io.ciphertext_to_wire(seal_io.to_bytes(part)) for part in parts]
 
     def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
         if not item_ids:

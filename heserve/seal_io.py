@@ -274,9 +274,14 @@ def load_secret_key(context: seal.SEALContext, blob: bytes, max_bytes: int) -> s
 
 
 def galois_element(step: int, poly_modulus_degree: int) -> int:
-    """SEAL's GaloisTool::get_elt_from_step for a CKKS rotate_vector step."""
+    """SEAL's GaloisTool::get_elt_from_step for a CKKS rotate_vector step.
+
+    Step 0 is SEAL's spelling of complex conjugation: Galois element 2N - 1.
+    """
     slots = poly_modulus_degree // 2
-    if step == 0 or abs(step) >= slots:
+    if step == 0:
+        return 2 * poly_modulus_degree - 1
+    if abs(step) >= slots:
         raise ValueError(f"rotation step {step} is out of range for {slots} slots")
     exponent = slots - abs(step) if step < 0 else step
     return pow(3, exponent, 2 * poly_modulus_degree)

@@ -212,6 +212,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             request.query,
             list(request.item_ids),
             request.catalog_version,
+            request.complex_scores,
         )
         # Each step of `runs` computes one output ciphertext: look at the call between them.
         for run in runs:

@@ -215,7 +215,7 @@ class ProcessBackend:
         self, spec: _CatalogSpec, workers: list[_Worker], progress: Progress | None
     ) -> None:
         """Have each of `workers` encode its shard of a catalog; wait until all are done."""
-        slots = spec.plan.slot_count
+        slots = spec.plan.items_per_chunk
         total = -(-spec.embeddings.shape[0] // slots)
         request_id, replies = self._open()
         try:
@@ -244,7 +244,7 @@ class ProcessBackend:
             budget = self.memory_budget // self.shard_count - self._encoded_per_worker
         spec = _CatalogSpec(name, plan, embeddings, budget)
         self._load_shards(spec, self._workers, progress)
-        total = -(-embeddings.shape[0] // plan.slot_count)
+        total = -(-embeddings.shape[0] // plan.items_per_chunk)
         chunk_bytes = encoded_chunk_bytes(self.params, plan)
         per_worker = -(-total // self.shard_count)
         self._encoded_per_worker += min(per_worker, max(0, budget) // chunk_bytes) * chunk_bytes

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from heserve.errors import KEY_NOT_FOUND
-from heserve.packing import query_slots
+from heserve.packing import query_slots, unpack_complex
 from heserve.params import CkksParameters
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -288,9 +288,14 @@ class Client:
         return ids
 
     def register_keys(self) -> str:
-        """Upload the public Galois keys the server asks for; returns the key_id."""
+        """Upload the public Galois keys the server asks for; returns the key_id.
+
+        Step 0 (complex conjugation) is left out: this client decodes complex
+        scores, which do not need it, and one key fewer is a smaller upload.
+        """
         started = time.perf_counter()
-        blob = self._session.secret.galois_keys(list(self.server_info.ckks.galois_steps))
+        steps = [step for step in self.server_info.ckks.galois_steps if step != 0]
+        blob = self._session.secret.galois_keys(steps)
         self.stats.last_keygen_seconds = time.perf_counter() - started
 
         def chunks() -> Iterator[pb.RegisterKeysRequest]:
@@ -338,6 +343,7 @@ class Client:
             query=query,
             item_ids=list(item_ids or []),
             catalog_version=info.version,
+            complex_scores=True,  # two scores per slot: half the responses and bytes
         )
         expected = len(item_ids) if item_ids else info.item_count
         if not self._session.key_id:
@@ -353,21 +359,26 @@ class Client:
     def _score_once(self, request: pb.ScoreRequest, expected: int) -> npt.NDArray[np.float64]:
         request.key_id = self._session.key_id
         scores = np.empty(expected)
-        received = 0
+        received = covered = 0
         decrypting = 0.0
         max_bytes = self.server_info.limits.max_message_bytes
 
         def consume() -> None:
-            nonlocal received, decrypting
+            nonlocal received, covered, decrypting
             replies = self._stub.Score(request, timeout=self.timeout, metadata=self._metadata())
             for reply in replies:
                 if reply.offset + reply.count > expected:
                     raise HeserveError("the server returned scores past the end of the request")
                 started = time.perf_counter()
-                values = self._session.secret.decrypt(reply.scores, max_bytes)
+                values = unpack_complex(
+                    self._session.secret.decrypt_complex(reply.scores, max_bytes), reply.count
+                )
                 decrypting += time.perf_counter() - started
-                scores[reply.offset : reply.offset + reply.count] = values[: reply.count]
+                scores[reply.offset : reply.offset + reply.count] = values
                 received += len(reply.scores)
+                covered += reply.count
+            if covered != expected:
+                raise HeserveError(f"the server returned {covered} scores for {expected} items")
 
         started = time.perf_counter()
         self._call(consume)

@@ -56,11 +56,15 @@ class SecretContext:
         return seal_io.zstd_compressed(seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext)))
 
     def decrypt(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.float64]:
-        """Decrypt and decode a score ciphertext into its slot values."""
+        """Decrypt and decode a score ciphertext into its slots' real parts."""
+        return self.decrypt_complex(blob, max_bytes).real.copy()
+
+    def decrypt_complex(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.complex128]:
+        """Decrypt and decode a score ciphertext into its complex slot values."""
         ciphertext = seal_io.load_ciphertext(self._context, blob, max_bytes)
         plaintext = seal.Plaintext()
         self._decryptor.decrypt(ciphertext, plaintext)
-        return np.asarray(self._encoder.decode_double(plaintext))
+        return np.asarray(self._encoder.decode_complex(plaintext), dtype=np.complex128)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write parameters and secret key to `path`, readable by the owner only."""

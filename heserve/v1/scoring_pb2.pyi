@@ -147,18 +147,20 @@ class DeleteKeysResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("key_id", "catalog", "query", "item_ids", "catalog_version")
+    __slots__ = ("key_id", "catalog", "query", "item_ids", "catalog_version", "complex_scores")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPLEX_SCORES_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     catalog: str
     query: bytes
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     catalog_version: str
-    def __init__(self, key_id: _Optional[str] = ..., catalog: _Optional[str] = ..., query: _Optional[bytes] = ..., item_ids: _Optional[_Iterable[str]] = ..., catalog_version: _Optional[str] = ...) -> None: ...
+    complex_scores: bool
+    def __init__(self, key_id: _Optional[str] = ..., catalog: _Optional[str] = ..., query: _Optional[bytes] = ..., item_ids: _Optional[_Iterable[str]] = ..., catalog_version: _Optional[str] = ..., complex_scores: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "offset", "count", "chunk_index", "chunk_count")
