@@ -55,7 +55,7 @@ def imaginary_signs(slot_count: int) -> FloatArray:
     with this sign on the imaginary half, splitting a complex result into two real
     ones takes one multiplication by an exact monomial (no scale, no precision).
     """
-    signs: FloatArray = 1.0 - 2.0 * (np.arange(slot_count) % 2)
+    signs: FloatArray = 1.0 - 2.0 * (np.arange(slot_count, dtype=np.float64) % 2)
     return signs
 
 
