@@ -17,13 +17,7 @@ from typing import Generic, Protocol, TypeVar
 import tenseal.sealapi as seal
 
 from heserve import seal_io
-from heserve.engine import (
-    Chunk,
-    EncodedChunk,
-    Progress,
-    ScoringEngine,
-    encoded_chunk_bytes,
-)
+from heserve.engine import Chunk, Progress, ScoringEngine, encoded_chunk_bytes
 from heserve.packing import DiagonalPlan, FloatArray
 from heserve.params import CkksParameters
 
@@ -40,6 +34,32 @@ class Sealed(Generic[T]):
 
     blob: bytes
     value: T
+
+
+def shard_chunks(shard: int, shard_count: int, chunk_count: int) -> list[int]:
+    """The chunks of shard `shard`: c with c ≡ shard (mod shard_count), round robin.
+
+    Round robin keeps every shard busy on its part of the same stretch of the
+    catalog, so results can stream in catalog order with little buffering.
+    """
+    return list(range(shard, chunk_count, shard_count))
+
+
+class ShardBudget:
+    """A memory budget for encoded chunks, split evenly over shards, spent catalog by catalog."""
+
+    def __init__(self, total_bytes: int | None, shard_count: int) -> None:
+        self._per_shard = None if total_bytes is None else total_bytes // shard_count
+        self._spent = 0
+
+    def take(self, params: CkksParameters, plan: DiagonalPlan, chunks_per_shard: int) -> int | None:
+        """Bytes each shard may encode for the next catalog (None: no limit), then charge them."""
+        if self._per_shard is None:
+            return None
+        left = max(0, self._per_shard - self._spent)
+        chunk_bytes = encoded_chunk_bytes(params, plan)
+        self._spent += min(chunks_per_shard, left // chunk_bytes) * chunk_bytes
+        return left
 
 
 class ScoringBackend(Protocol):
@@ -76,17 +96,14 @@ class LocalBackend:
 
     def __init__(self, params: CkksParameters, memory_budget: int | None = None) -> None:
         self.engine = ScoringEngine(params)
-        self.memory_budget = memory_budget
+        self._budget = ShardBudget(memory_budget, 1)
         self._catalogs: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
-        self._bytes_encoded = 0
 
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        budget = None if self.memory_budget is None else self.memory_budget - self._bytes_encoded
+        budget = self._budget.take(self.engine.params, plan, plan.chunk_count(len(embeddings)))
         chunks = self.engine.encode_catalog(plan, embeddings, progress, budget)
-        encoded = sum(1 for chunk in chunks if isinstance(chunk, EncodedChunk))
-        self._bytes_encoded += encoded * encoded_chunk_bytes(self.engine.params, plan)
         self._catalogs[name] = (plan, chunks)
 
     def score(

@@ -78,6 +78,30 @@ class ScoringEngine:
             )
         return EncodedChunk(row_count=rows.shape[0], diagonals=tuple(diagonals))
 
+    def encode_chunks(
+        self,
+        plan: DiagonalPlan,
+        rows: Sequence[FloatArray],
+        memory_budget: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[Chunk]:
+        """Encode chunks of rows once, in order, while they fit `memory_budget` bytes.
+
+        Chunks past the budget stay as rows and are encoded on the fly per query:
+        slower, but a catalog larger than memory still serves.
+        """
+        chunk_bytes = encoded_chunk_bytes(self.params, plan)
+        affordable = len(rows) if memory_budget is None else max(0, memory_budget) // chunk_bytes
+        chunks: list[Chunk] = []
+        for index, chunk_rows in enumerate(rows):
+            if index < affordable:
+                chunks.append(self.encode_rows(plan, chunk_rows))
+            else:
+                chunks.append(np.ascontiguousarray(chunk_rows))
+            if progress is not None:
+                progress(index + 1, len(rows))
+        return chunks
+
     def encode_catalog(
         self,
         plan: DiagonalPlan,
@@ -85,24 +109,8 @@ class ScoringEngine:
         progress: Progress | None = None,
         memory_budget: int | None = None,
     ) -> list[Chunk]:
-        """Encode a catalog's chunks once, in order, while they fit `memory_budget` bytes.
-
-        Chunks past the budget stay as rows and are encoded on the fly per query:
-        slower, but a catalog larger than memory still serves.
-        """
-        size = plan.items_per_chunk
-        total = -(-embeddings.shape[0] // size)
-        budget = memory_budget if memory_budget is not None else float("inf")
-        chunks: list[Chunk] = []
-        for index in range(total):
-            rows = embeddings[index * size : (index + 1) * size]
-            if (index + 1) * encoded_chunk_bytes(self.params, plan) <= budget:
-                chunks.append(self.encode_rows(plan, rows))
-            else:
-                chunks.append(np.ascontiguousarray(rows))
-            if progress is not None:
-                progress(index + 1, total)
-        return chunks
+        """Encode a whole catalog's chunks; see `encode_chunks`."""
+        return self.encode_chunks(plan, plan.chunk_rows(embeddings), memory_budget, progress)
 
     def check_query(self, query: seal.Ciphertext) -> None:
         """Refuse a ciphertext this engine cannot score correctly."""

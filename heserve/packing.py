@@ -18,6 +18,7 @@ Horner-style, so the keys need only two rotation steps: 1 and b.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,18 @@ class DiagonalPlan:
     def items_per_chunk(self) -> int:
         """Rows per output ciphertext: S in the real parts and S in the imaginary parts."""
         return 2 * self.slot_count
+
+    def chunk_count(self, item_count: int) -> int:
+        """Output ciphertexts for `item_count` items: ceil(n / 2S)."""
+        return -(-item_count // self.items_per_chunk)
+
+    def chunk_rows(
+        self, embeddings: FloatArray, indices: Sequence[int] | None = None
+    ) -> list[FloatArray]:
+        """The rows of each chunk (all of them, or those at `indices`), as views."""
+        size = self.items_per_chunk
+        chosen = range(self.chunk_count(embeddings.shape[0])) if indices is None else indices
+        return [embeddings[c * size : (c + 1) * size] for c in chosen]
 
     @property
     def giant_count(self) -> int:

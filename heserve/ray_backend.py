@@ -27,8 +27,8 @@ import ray.exceptions
 import tenseal.sealapi as seal
 
 from heserve import seal_io
-from heserve.backend import Sealed, ShardUnavailableError
-from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError, encoded_chunk_bytes
+from heserve.backend import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError
 from heserve.packing import DiagonalPlan, FloatArray
 from heserve.params import CkksParameters
 
@@ -46,29 +46,19 @@ _ACTOR_FAILURES = (
 class ShardActor:
     """One shard of every catalog, encoded once, plus the keys it was sent."""
 
-    def __init__(self, params: CkksParameters, index: int, shard_count: int) -> None:
+    def __init__(self, params: CkksParameters) -> None:
         self._engine = ScoringEngine(params)
-        self._params = params
-        self._index = index
-        self._shard_count = shard_count
-        self._shards: dict[str, tuple[DiagonalPlan, list[int], list[Chunk]]] = {}
+        self._shards: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
         self._keys: dict[str, seal.GaloisKeys] = {}
 
     def pid(self) -> int:
         return os.getpid()
 
-    def load(self, name: str, plan: DiagonalPlan, rows_ref: list[Any], budget: int) -> int:
+    def load(self, name: str, plan: DiagonalPlan, rows_ref: list[Any], budget: int | None) -> int:
         """Encode this shard of a catalog (rows fetched from the object store)."""
         rows: list[FloatArray] = ray.get(rows_ref[0])
-        chunk_bytes = encoded_chunk_bytes(self._params, plan)
-        chunks: list[Chunk] = [
-            self._engine.encode_rows(plan, chunk_rows)
-            if (position + 1) * chunk_bytes <= budget
-            else chunk_rows.copy()
-            for position, chunk_rows in enumerate(rows)
-        ]
-        indices = [self._index + i * self._shard_count for i in range(len(rows))]
-        self._shards[name] = (plan, indices, chunks)
+        chunks = self._engine.encode_chunks(plan, rows, budget)
+        self._shards[name] = (plan, chunks)
         return len(rows)
 
     def score(
@@ -76,7 +66,7 @@ class ShardActor:
         name: str,
         plan: DiagonalPlan,
         rows_ref: list[Any],
-        budget: int,
+        budget: int | None,
         key_id: str,
         keys_ref: list[Any],
         query_blob: bytes,
@@ -87,7 +77,7 @@ class ShardActor:
         if key_id not in self._keys:
             blob: bytes = ray.get(keys_ref[0])
             self._keys[key_id] = seal_io.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
-        plan, _, chunks = self._shards[name]
+        plan, chunks = self._shards[name]
         # The Scorer bounded the query (inflated too) before it got here.
         query = seal_io.load_ciphertext(self._engine.context, query_blob, _UNBOUNDED)
         for scores in self._engine.score(plan, chunks, query, self._keys[key_id]):
@@ -104,7 +94,7 @@ class ShardActor:
 class _RayCatalog:
     plan: DiagonalPlan
     total: int
-    budget: int
+    budget: int | None
     shard_rows: tuple[Any, ...]  # one ObjectRef of row chunks per shard
 
 
@@ -122,14 +112,11 @@ class RayBackend:
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         self.params = params
         self.shard_count = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.memory_budget = memory_budget
+        self._budget = ShardBudget(memory_budget, self.shard_count)
         actor_class: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(ShardActor)
-        self._actors: list[Any] = [
-            actor_class.remote(params, index, self.shard_count) for index in range(self.shard_count)
-        ]
+        self._actors: list[Any] = [actor_class.remote(params) for _ in range(self.shard_count)]
         self._catalogs: dict[str, _RayCatalog] = {}
         self._key_refs: dict[str, Any] = {}
-        self._encoded_per_shard = 0
 
     def actor_pids(self) -> list[int]:
         return [int(pid) for pid in ray.get([actor.pid.remote() for actor in self._actors])]
@@ -137,18 +124,10 @@ class RayBackend:
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        slots = plan.items_per_chunk
-        total = -(-embeddings.shape[0] // slots)
-        budget = _UNBOUNDED
-        if self.memory_budget is not None:
-            budget = self.memory_budget // self.shard_count - self._encoded_per_shard
+        total = plan.chunk_count(len(embeddings))
+        budget = self._budget.take(self.params, plan, -(-total // self.shard_count))
         shard_rows = tuple(
-            ray.put(
-                [
-                    embeddings[c * slots : (c + 1) * slots]
-                    for c in range(shard, total, self.shard_count)
-                ]
-            )
+            ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
             for shard in range(self.shard_count)
         )
         pending = [
@@ -161,9 +140,6 @@ class RayBackend:
             done += int(ray.get(finished[0]))
             if progress is not None:
                 progress(done, total)
-        chunk_bytes = encoded_chunk_bytes(self.params, plan)
-        per_shard = -(-total // self.shard_count)
-        self._encoded_per_shard += min(per_shard, max(0, budget) // chunk_bytes) * chunk_bytes
         self._catalogs[name] = _RayCatalog(plan, total, budget, shard_rows)
 
     def score(

@@ -30,14 +30,19 @@ from typing import Any
 import tenseal.sealapi as seal
 
 from heserve import seal_io
-from heserve.backend import Sealed, ShardUnavailableError
-from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError, encoded_chunk_bytes
+from heserve.backend import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError
 from heserve.packing import DiagonalPlan, FloatArray
 from heserve.params import CkksParameters
 
 log = logging.getLogger(__name__)
 
 _UNBOUNDED = 1 << 62
+
+
+def _progress_to(conn: Connection, request_id: int) -> Progress:
+    """Report each encoded chunk to the front, which sums the workers' progress."""
+    return lambda done, total: conn.send(("progress", request_id, 1))
 
 
 def _serve_worker(conn: Connection, params: CkksParameters) -> None:
@@ -54,14 +59,7 @@ def _serve_worker(conn: Connection, params: CkksParameters) -> None:
         try:
             if kind == "catalog":
                 _, _, name, plan, indices, rows, budget = message
-                chunks: list[Chunk] = []
-                encoded_bytes = encoded_chunk_bytes(params, plan)
-                for position, chunk_rows in enumerate(rows):
-                    if (position + 1) * encoded_bytes <= budget:
-                        chunks.append(engine.encode_rows(plan, chunk_rows))
-                    else:
-                        chunks.append(chunk_rows)
-                    conn.send(("progress", request_id, 1))
+                chunks = engine.encode_chunks(plan, rows, budget, _progress_to(conn, request_id))
                 shards[name] = (plan, indices, chunks)
                 conn.send(("done", request_id))
             elif kind == "score":
@@ -104,7 +102,7 @@ class _CatalogSpec:
     name: str
     plan: DiagonalPlan
     embeddings: FloatArray
-    budget: int
+    budget: int | None
 
 
 class ProcessBackend:
@@ -124,7 +122,7 @@ class ProcessBackend:
     ) -> None:
         self.params = params
         self.shard_count = workers or os.cpu_count() or 1
-        self.memory_budget = memory_budget
+        self._budget = ShardBudget(memory_budget, self.shard_count)
         self.restart_timeout = restart_timeout
         self.restarts = 0
         self._ids = itertools.count(1)
@@ -132,7 +130,6 @@ class ProcessBackend:
         self._pending_lock = threading.Lock()
         self._catalogs: dict[str, int] = {}
         self._specs: list[_CatalogSpec] = []
-        self._encoded_per_worker = 0
         self._closing = False
         self._context = multiprocessing.get_context("spawn")
         self._workers = [self._spawn(index) for index in range(self.shard_count)]
@@ -215,13 +212,12 @@ class ProcessBackend:
         self, spec: _CatalogSpec, workers: list[_Worker], progress: Progress | None
     ) -> None:
         """Have each of `workers` encode its shard of a catalog; wait until all are done."""
-        slots = spec.plan.items_per_chunk
-        total = -(-spec.embeddings.shape[0] // slots)
+        total = spec.plan.chunk_count(len(spec.embeddings))
         request_id, replies = self._open()
         try:
             for worker in workers:
-                indices = list(range(worker.index, total, self.shard_count))
-                rows = [spec.embeddings[i * slots : (i + 1) * slots].copy() for i in indices]
+                indices = shard_chunks(worker.index, self.shard_count, total)
+                rows = spec.plan.chunk_rows(spec.embeddings, indices)
                 worker.send(
                     ("catalog", request_id, spec.name, spec.plan, indices, rows, spec.budget)
                 )
@@ -239,15 +235,10 @@ class ProcessBackend:
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        budget = _UNBOUNDED
-        if self.memory_budget is not None:
-            budget = self.memory_budget // self.shard_count - self._encoded_per_worker
+        total = plan.chunk_count(len(embeddings))
+        budget = self._budget.take(self.params, plan, -(-total // self.shard_count))
         spec = _CatalogSpec(name, plan, embeddings, budget)
         self._load_shards(spec, self._workers, progress)
-        total = -(-embeddings.shape[0] // plan.items_per_chunk)
-        chunk_bytes = encoded_chunk_bytes(self.params, plan)
-        per_worker = -(-total // self.shard_count)
-        self._encoded_per_worker += min(per_worker, max(0, budget) // chunk_bytes) * chunk_bytes
         self._specs.append(spec)
         self._catalogs[name] = total
 
