@@ -81,7 +81,8 @@ class NoiseAdder:
         """Add fresh noise to a score ciphertext in place; nothing when protection is off.
 
         Score noise goes on both the real and the imaginary parts of every slot (the
-        two halves of a chunk's scores); flooding noise too.
+        two halves of a chunk's scores); flooding noise too, with std `flood_std` on
+        each part: every score gets 2^flood_bits times the preset's noise.
         """
         if not self.protection.enabled:
             return
@@ -89,7 +90,7 @@ class NoiseAdder:
         normal = _gaussian(2 * count)
         noise = self.protection.score_noise_std * (normal[:count] + 1j * normal[count:])
         if self.flood_std:
-            flood = _gaussian(2 * count) * (self.flood_std / math.sqrt(2))
+            flood = _gaussian(2 * count) * self.flood_std
             noise += flood[:count] + 1j * flood[count:]
         plaintext = seal.Plaintext()
         self._encoder.encode(noise.tolist(), ciphertext.parms_id(), ciphertext.scale, plaintext)
