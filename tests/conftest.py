@@ -13,7 +13,8 @@ from heserve.scoring import KeyRetention, Scorer
 from heserve.server import RunningServer, start_server
 from heserve_client import Client
 
-# Several thousand items, more than one output ciphertext (4,096 slots), and a
+# Several thousand items, more than the 4,096 slots (two real-slot responses, or one
+# complex-slot response whose imaginary parts hold the items past 4,096), and a
 # dimension that is not a power of two.
 BOOKS_ITEMS = 5_000
 BOOKS_DIMENSION = 100

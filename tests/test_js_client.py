@@ -163,9 +163,17 @@ def test_score_responses_are_seal_4_1_uncompressed(target: str, books: Catalog) 
                 np.ones(books.dimension) / 10, books.dimension, DEFAULT_PARAMETERS.slot_count
             )
         )
-        replies = list(
-            stub.Score(pb.ScoreRequest(key_id=key_id, catalog="books", query=query), timeout=60)
-        )
+        replies = [
+            reply
+            for complex_scores in (False, True)  # real slots (split by the server) and complex
+            for reply in stub.Score(
+                pb.ScoreRequest(
+                    key_id=key_id, catalog="books", query=query, complex_scores=complex_scores
+                ),
+                timeout=60,
+            )
+        ]
+        assert len(replies) == 2 + 1  # books: two real-slot responses, one complex
         stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), timeout=60)
 
     # Uploads may be zstd-compressed (the Python client compresses them); responses

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 from heserve.catalog import Catalog, unit_rows
 from heserve.errors import KEY_NOT_FOUND
 from heserve.keystore import KeyStore, KeyTooLargeError
-from heserve.packing import query_slots
+from heserve.packing import query_slots, unpack_complex
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import KeyRetention, Scorer
 from heserve.server import RunningServer, start_server
@@ -73,10 +73,20 @@ def galois_steps(stub: pb_grpc.ScoringServiceStub) -> list[int]:
 
 
 def score_request(
-    secret: SecretContext, key_id: str, catalog: Catalog, vector: FloatArray
+    secret: SecretContext,
+    key_id: str,
+    catalog: Catalog,
+    vector: FloatArray,
+    complex_scores: bool = False,
 ) -> pb.ScoreRequest:
+    """complex_scores=True for keys without the conjugation key (as the Client uploads)."""
     slots = query_slots(vector, catalog.dimension, secret.params.slot_count)
-    return pb.ScoreRequest(key_id=key_id, catalog=catalog.name, query=secret.encrypt(slots))
+    return pb.ScoreRequest(
+        key_id=key_id,
+        catalog=catalog.name,
+        query=secret.encrypt(slots),
+        complex_scores=complex_scores,
+    )
 
 
 def raw_scores(
@@ -84,8 +94,11 @@ def raw_scores(
 ) -> FloatArray:
     scores = np.full(count, np.nan)
     for reply in stub.Score(request, timeout=TIMEOUT):
-        values = secret.decrypt(reply.scores, 1 << 24)
-        scores[reply.offset : reply.offset + reply.count] = values[: reply.count]
+        if request.complex_scores:
+            values = unpack_complex(secret.decrypt_complex(reply.scores, 1 << 24), reply.count)
+        else:
+            values = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
+        scores[reply.offset : reply.offset + reply.count] = values
     return scores
 
 
@@ -230,7 +243,8 @@ def test_expired_key_gives_key_not_found(
             timeout=TIMEOUT,
         )
         assert reply.ttl_seconds == 1
-        request = score_request(secret, reply.key_id, films, films_user)
+        # no conjugation key: complex scores, so expiry is the only thing wrong
+        request = score_request(secret, reply.key_id, films, films_user, complex_scores=True)
 
         time.sleep(1.25)
         error = score_error(stub, request)
@@ -462,15 +476,16 @@ def test_key_file_is_reused_not_overwritten(
         saved = path.read_bytes()
 
         # The file's secret key is the one the client's Galois keys were made from:
-        # queries encrypted under it score correctly with the client's key_id.
+        # queries encrypted under it score correctly with the client's key_id (the
+        # client uploads no conjugation key, so the scores come as complex slots).
         loaded = SecretContext.load(path)
-        request = score_request(loaded, key_id, films, films_user)
+        request = score_request(loaded, key_id, films, films_user, complex_scores=True)
         scores = raw_scores(stub, loaded, request, films.item_count)
         assert max_error(scores, films, films_user) < 1e-4
 
         # Control: another secret key cannot use those Galois keys.
         stranger = SecretContext(DEFAULT_PARAMETERS)
-        request = score_request(stranger, key_id, films, films_user)
+        request = score_request(stranger, key_id, films, films_user, complex_scores=True)
         garbage = raw_scores(stub, stranger, request, films.item_count)
         assert max_error(garbage, films, films_user) > 1e-2
 

@@ -57,8 +57,8 @@ def shop() -> Catalog:
 
 @pytest.fixture(scope="module")
 def wide() -> Catalog:
-    """Three output ciphertexts' worth of items."""
-    return _catalog("wide", 2 * SLOTS + 100, 8, seed=52)
+    """Three output ciphertexts' worth of items (2S per chunk): five with real scores."""
+    return _catalog("wide", 4 * SLOTS + 100, 8, seed=52)
 
 
 @pytest.fixture
@@ -255,8 +255,21 @@ def _query(party: SecretContext, vector: np.ndarray) -> bytes:
     return party.encrypt(query_slots(vector, vector.shape[0], SLOTS))
 
 
+@pytest.mark.parametrize(
+    ("complex_scores", "responses", "total"),
+    # complex scores: one response per computed chunk. Real scores: two responses per
+    # chunk (the second needs no computing), so the deadline checked before the third
+    # response is passed as the second chunk has just been computed.
+    [(True, 1, 3), (False, 2, 5)],
+    ids=["complex", "real"],
+)
 def test_score_stops_computing_when_the_deadline_passes(
-    wide: Catalog, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    wide: Catalog,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    complex_scores: bool,
+    responses: int,
+    total: int,
 ) -> None:
     scorer = Scorer(DEFAULT_PARAMETERS, [wide])
     produced: list[int] = []
@@ -264,17 +277,20 @@ def test_score_stops_computing_when_the_deadline_passes(
     party = SecretContext(DEFAULT_PARAMETERS)
     key_id = scorer.register_keys(party.galois_keys(list(scorer.galois_steps)))
     request = pb.ScoreRequest(
-        key_id=key_id, catalog="wide", query=_query(party, unit_rows(1, 8, 54)[0])
+        key_id=key_id,
+        catalog="wide",
+        query=_query(party, unit_rows(1, 8, 54)[0]),
+        complex_scores=complex_scores,
     )
     caplog.set_level(logging.INFO, logger="heserve")
 
-    context = cast(grpc.ServicerContext, _Context(responses=1))
+    context = cast(grpc.ServicerContext, _Context(responses=responses))
     replies = list(ScoringServicer(scorer).Score(request, context))
 
-    assert [reply.chunk_index for reply in replies] == [0]
-    assert replies[0].chunk_count == 3
+    assert [reply.chunk_index for reply in replies] == list(range(responses))
+    assert {reply.chunk_count for reply in replies} == {total}
     assert len(produced) == 2  # the second was computed as the deadline passed; no third
-    assert "Score past its deadline after 1 of 3 responses" in caplog.text
+    assert f"Score past its deadline after {responses} of {total} responses" in caplog.text
 
 
 def test_a_real_deadline_ends_a_slow_score_on_the_server(

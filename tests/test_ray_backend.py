@@ -20,9 +20,9 @@ from heserve.scoring import ScoredRun, Scorer  # noqa: E402
 from heserve.server import start_server  # noqa: E402
 from heserve_client import Client, SecretContext  # noqa: E402
 
-# Three chunks of 4,096 slots over two shards, a dimension that is not a power of two.
-ITEMS, DIMENSION = 9_000, 40
 SLOTS = DEFAULT_PARAMETERS.slot_count
+# Three chunks of 2 x 4,096 items over two shards, a dimension that is not a power of two.
+ITEMS, DIMENSION = 4 * SLOTS + 808, 40
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,11 @@ def test_ray_scores_equal_local_scores_in_layout_and_value(
 
     layout = [(run.offset, run.count, run.index, run.total) for run in on_ray]
     assert layout == [(run.offset, run.count, run.index, run.total) for run in in_process]
-    assert layout == [(0, SLOTS, 0, 3), (SLOTS, SLOTS, 1, 3), (2 * SLOTS, ITEMS - 2 * SLOTS, 2, 3)]
+    # real scores: each of the three chunks split in two, the last half empty
+    assert layout == [
+        *((i * SLOTS, SLOTS, i, 5) for i in range(4)),
+        (4 * SLOTS, ITEMS - 4 * SLOTS, 4, 5),
+    ]
     ray_scores = _decrypt(secret, on_ray)
     assert np.abs(ray_scores - _decrypt(secret, in_process)).max() < 1e-4
     assert np.abs(ray_scores - catalog.embeddings @ vector).max() < 1e-4

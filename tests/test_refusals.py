@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 from heserve import seal_io
 from heserve.catalog import Catalog, unit_rows
 from heserve.errors import ERROR_DOMAIN, KEY_NOT_FOUND
-from heserve.packing import query_slots
+from heserve.packing import query_slots, unpack_complex
 from heserve.params import DEFAULT_PARAMETERS, CkksParameters
 from heserve.scoring import Limits, Scorer
 from heserve.server import RunningServer, start_server
@@ -95,6 +95,12 @@ class Party:
         self.decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self.encoder.decode_double(plaintext), dtype=np.float64)
 
+    def decrypt_complex(self, blob: bytes) -> npt.NDArray[np.complex128]:
+        ciphertext = seal_io.load_ciphertext(self.context, blob, 1 << 24)
+        plaintext = seal.Plaintext()
+        self.decryptor.decrypt(ciphertext, plaintext)
+        return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
+
 
 def code_of(error: grpc.RpcError) -> grpc.StatusCode:
     assert isinstance(error, grpc.Call)
@@ -130,9 +136,11 @@ def score(
 ) -> FloatArray:
     scores = np.full(count, np.nan)
     for reply in stub.Score(request, timeout=TIMEOUT):
-        scores[reply.offset : reply.offset + reply.count] = party.decrypt(reply.scores)[
-            : reply.count
-        ]
+        if request.complex_scores:
+            values = unpack_complex(party.decrypt_complex(reply.scores), reply.count)
+        else:
+            values = party.decrypt(reply.scores)[: reply.count]
+        scores[reply.offset : reply.offset + reply.count] = values
     return scores
 
 
@@ -257,16 +265,60 @@ def test_galois_keys_missing_a_step_are_refused(
     info: pb.GetServerInfoResponse,
 ) -> None:
     steps = list(info.ckks.galois_steps)
-    assert len(steps) >= 2
+    assert steps[0] == 0  # the conjugation key: optional, see the test below
+    assert len(steps) >= 3
     before = len(scorer.keys)
 
-    for missing in steps:
+    for missing in steps[1:]:
         blob = party.galois_keys([step for step in steps if step != missing])
         code = register_code(stub, list(chunked(blob)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, f"keys without step {missing}"
+        blob = party.galois_keys([step for step in steps if step not in (0, missing)])
+        code = register_code(stub, list(chunked(blob)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, f"keys without steps 0 and {missing}"
 
     assert len(scorer.keys) == before
     assert_alive(stub)
+
+
+def test_keys_without_the_conjugation_key_score_complex_only(
+    stub: pb_grpc.ScoringServiceStub,
+    scorer: Scorer,
+    party: Party,
+    info: pb.GetServerInfoResponse,
+    films: Catalog,
+    films_user: FloatArray,
+) -> None:
+    steps = list(info.ckks.galois_steps)
+    assert steps[0] == 0
+    before = len(scorer.keys)
+    key_id = register(stub, party.galois_keys(steps[1:]))  # accepted without step 0
+    assert len(scorer.keys) == before + 1
+    request = pb.ScoreRequest(key_id=key_id, catalog="films", query=party.query(films_user))
+
+    # real scores need the conjugation key: refused before anything is computed
+    error = score_error(stub, request)
+    assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
+    assert isinstance(error, grpc.Call)
+    assert "conjugation" in (error.details() or "")
+    request.item_ids.extend(["films-3", "films-1"])
+    assert code_of(score_error(stub, request)) == grpc.StatusCode.FAILED_PRECONDITION
+    del request.item_ids[:]
+
+    # the same keys serve complex scores, for the whole catalog and for a subset
+    request.complex_scores = True
+    assert_scores_right(stub, party, request, films, films_user)
+    request.item_ids.extend(["films-3", "films-1"])
+    scores = score(stub, party, request, 2)
+    assert np.abs(scores - films.embeddings[[3, 1]] @ films_user).max() < 1e-4
+
+    # with the conjugation key added, the same request in real slots scores too
+    full = register(stub, party.galois_keys(steps))
+    real = pb.ScoreRequest(key_id=full, catalog="films", query=request.query)
+    assert_scores_right(stub, party, real, films, films_user)
+    for held in (key_id, full):
+        assert stub.DeleteKeys(pb.DeleteKeysRequest(key_id=held), timeout=TIMEOUT).deleted
+    assert len(scorer.keys) == before
 
 
 @pytest.mark.parametrize("params", [OTHER_PARAMETERS, LARGER_RING], ids=["more-primes", "N16384"])

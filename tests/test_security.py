@@ -688,19 +688,19 @@ def test_full_session_logs_at_debug_hold_no_keys_queries_scores_or_vectors(
         with pytest.raises(NotFoundError):
             client.score(user, catalog="shop", item_ids=["7", "no-such-item"])  # 3
         query = recorder.payloads[1]
+        # The client's keys hold no conjugation key: ask for complex scores as it does,
+        # so that each refusal below is for the reason its name gives.
+        ask = functools.partial(pb.ScoreRequest, key_id=key_id, complex_scores=True)
         with grpc.insecure_channel(served.target) as plain:
             stub = pb_grpc.ScoringServiceStub(plain)
             refusals = {
-                "bob with alice's key": (bob, pb.ScoreRequest(key_id=key_id, query=query)),
-                "no token": ("", pb.ScoreRequest(key_id=key_id, catalog="shop", query=query)),
+                "bob with alice's key": (bob, ask(query=query)),
+                "no token": ("", ask(catalog="shop", query=query)),
                 "scores as a query": (  # a real ciphertext, one level too low
                     alice,
-                    pb.ScoreRequest(key_id=key_id, catalog="shop", query=recorder.payloads[2]),
+                    ask(catalog="shop", query=recorder.payloads[2]),
                 ),  # 4
-                "past the budget": (
-                    alice,
-                    pb.ScoreRequest(key_id=key_id, catalog="shop", query=query),
-                ),
+                "past the budget": (alice, ask(catalog="shop", query=query)),
             }
             codes = {}
             for case, (token, request) in refusals.items():

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import pytest
 
 from heserve.catalog import MAX_ROW_NORM, Catalog, CatalogError, load_catalog, unit_rows
-from heserve.packing import query_slots
+from heserve.packing import query_slots, unpack_complex
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import Limits, Scorer
 from heserve.server import RunningServer, start_server
@@ -154,6 +154,190 @@ def test_whole_catalog_streams_one_run_per_slot_count(
     for reply in replies:
         values = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
         assert np.abs(values - expected[reply.offset : reply.offset + reply.count]).max() < 1e-4
+
+
+# --- complex scores: two items per slot ----------------------------------------------
+
+# Two full chunks of 2S items and 300 more: three complex responses, five real ones.
+LARGE_ITEMS, LARGE_DIMENSION = 4 * SLOTS + 300, 24
+
+
+@pytest.fixture(scope="module")
+def large() -> Catalog:
+    ids = tuple(f"large-{i}" for i in range(LARGE_ITEMS))
+    return Catalog("large", unit_rows(LARGE_ITEMS, LARGE_DIMENSION, seed=31), ids)
+
+
+@pytest.fixture(scope="module")
+def large_target(large: Catalog) -> Iterator[str]:
+    running = start_server(Scorer(DEFAULT_PARAMETERS, [large]), "127.0.0.1", 0)
+    yield f"127.0.0.1:{running.port}"
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def large_stub(large_target: str) -> Iterator[pb_grpc.ScoringServiceStub]:
+    with grpc.insecure_channel(large_target) as channel:
+        yield pb_grpc.ScoringServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def large_key_id(large_stub: pb_grpc.ScoringServiceStub, secret: SecretContext) -> str:
+    steps = large_stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT).ckks.galois_steps
+    assert steps[0] == 0  # with the conjugation key: real scores work too
+    blob = secret.galois_keys(list(steps))
+    requests = [
+        pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + (1 << 20)])
+        for start in range(0, len(blob), 1 << 20)
+    ]
+    return str(large_stub.RegisterKeys(iter(requests), timeout=TIMEOUT).key_id)
+
+
+@pytest.fixture(scope="module")
+def large_user() -> FloatArray:
+    vector: FloatArray = unit_rows(1, LARGE_DIMENSION, seed=32)[0]
+    return vector
+
+
+def decoded(secret: SecretContext, reply: pb.ScoreResponse, complex_scores: bool) -> FloatArray:
+    """A response's `count` scores, decoded as its request asked."""
+    if complex_scores:
+        return unpack_complex(secret.decrypt_complex(reply.scores, 1 << 24), reply.count)
+    values: FloatArray = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
+    return values
+
+
+def streamed_scores(
+    secret: SecretContext, replies: list[pb.ScoreResponse], complex_scores: bool, count: int
+) -> FloatArray:
+    scores = np.full(count, np.nan)
+    for reply in replies:
+        scores[reply.offset : reply.offset + reply.count] = decoded(secret, reply, complex_scores)
+    assert not np.isnan(scores).any()
+    return scores
+
+
+def expected_layout(count: int, per_response: int) -> list[tuple[int, int, int, int]]:
+    """(offset, count, chunk_index, chunk_count) of each response for `count` items."""
+    total = -(-count // per_response)
+    return [
+        (i * per_response, min(per_response, count - i * per_response), i, total)
+        for i in range(total)
+    ]
+
+
+@pytest.mark.parametrize("complex_scores", [True, False], ids=["complex", "real"])
+def test_whole_large_catalog_streams_in_complex_or_real_slots(
+    large_stub: pb_grpc.ScoringServiceStub,
+    secret: SecretContext,
+    large_key_id: str,
+    large: Catalog,
+    large_user: FloatArray,
+    complex_scores: bool,
+) -> None:
+    query = secret.encrypt(query_slots(large_user, LARGE_DIMENSION, SLOTS))
+    request = pb.ScoreRequest(
+        key_id=large_key_id, catalog="large", query=query, complex_scores=complex_scores
+    )
+
+    replies = responses(large_stub, request)
+
+    per_response = 2 * SLOTS if complex_scores else SLOTS
+    layout = [(r.offset, r.count, r.chunk_index, r.chunk_count) for r in replies]
+    assert layout == expected_layout(LARGE_ITEMS, per_response)
+    assert len(replies) == (3 if complex_scores else 5)
+    scores = streamed_scores(secret, replies, complex_scores, LARGE_ITEMS)
+    assert np.abs(scores - large.embeddings @ large_user).max() < 1e-4
+
+
+def test_complex_and_real_scores_are_the_same_scores(
+    large_stub: pb_grpc.ScoringServiceStub,
+    secret: SecretContext,
+    large_key_id: str,
+    large: Catalog,
+    large_user: FloatArray,
+) -> None:
+    query = secret.encrypt(query_slots(large_user, LARGE_DIMENSION, SLOTS))
+    both = {}
+    for complex_scores in (True, False):
+        request = pb.ScoreRequest(
+            key_id=large_key_id, catalog="large", query=query, complex_scores=complex_scores
+        )
+        replies = responses(large_stub, request)
+        both[complex_scores] = streamed_scores(secret, replies, complex_scores, LARGE_ITEMS)
+        if complex_scores:
+            complex_bytes = sum(len(r.scores) for r in replies)
+        else:
+            real_bytes = sum(len(r.scores) for r in replies)
+
+    # the server's split into real slots is exact: it adds no error of its own
+    assert np.abs(both[True] - both[False]).max() < 1e-6
+    assert np.abs(both[True] - large.embeddings @ large_user).max() < 1e-4
+    assert complex_bytes < 0.7 * real_bytes  # 3 ciphertexts instead of 5
+
+
+@pytest.mark.parametrize("count", [1, 2, SLOTS, SLOTS + 1, 2 * SLOTS, 2 * SLOTS + 1, 10_000])
+def test_complex_subset_scores_come_back_in_request_order(
+    large_stub: pb_grpc.ScoringServiceStub,
+    secret: SecretContext,
+    large_key_id: str,
+    large: Catalog,
+    large_user: FloatArray,
+    count: int,
+) -> None:
+    item_ids, rows = sample_ids(large, count, seed=count)
+    query = secret.encrypt(query_slots(large_user, LARGE_DIMENSION, SLOTS))
+    request = pb.ScoreRequest(
+        key_id=large_key_id, catalog="large", query=query, item_ids=item_ids, complex_scores=True
+    )
+
+    replies = responses(large_stub, request)
+
+    layout = [(r.offset, r.count, r.chunk_index, r.chunk_count) for r in replies]
+    assert layout == expected_layout(count, 2 * SLOTS)
+    assert all(r.count <= 2 * SLOTS for r in replies)
+    scores = streamed_scores(secret, replies, True, count)
+    assert np.abs(scores - large.embeddings[rows] @ large_user).max() < 1e-4
+
+
+def test_client_scores_over_several_complex_responses(
+    large_target: str, large: Catalog, large_user: FloatArray
+) -> None:
+    item_ids, rows = sample_ids(large, 2 * SLOTS + 500, seed=34)
+    with Client(large_target, timeout=TIMEOUT) as client:
+        whole = client.score(large_user, catalog="large")
+        whole_bytes = client.stats.last_response_bytes
+        subset = client.score(large_user, catalog="large", item_ids=item_ids)
+        subset_bytes = client.stats.last_response_bytes
+
+    expected = large.embeddings @ large_user
+    assert np.abs(whole - expected).max() < 1e-4
+    assert np.abs(subset - expected[rows]).max() < 1e-4
+    # the client asks for complex scores: 3 equal ciphertexts for the catalog, 2 for the subset
+    assert 2 * whole_bytes == 3 * subset_bytes
+
+
+def test_complex_scores_of_the_shared_catalogs(
+    stub: pb_grpc.ScoringServiceStub,
+    secret: SecretContext,
+    key_id: str,
+    books: Catalog,
+    films: Catalog,
+    user: FloatArray,
+) -> None:
+    # one complex response each: books' 5,000 items spill into the imaginary parts
+    for catalog, vector in ((books, user), (films, unit_rows(1, films.dimension, seed=33)[0])):
+        query = secret.encrypt(query_slots(vector, catalog.dimension, SLOTS))
+        request = pb.ScoreRequest(
+            key_id=key_id, catalog=catalog.name, query=query, complex_scores=True
+        )
+
+        replies = responses(stub, request)
+
+        layout = [(r.offset, r.count, r.chunk_index, r.chunk_count) for r in replies]
+        assert layout == [(0, catalog.item_count, 0, 1)]
+        scores = streamed_scores(secret, replies, True, catalog.item_count)
+        assert np.abs(scores - catalog.embeddings @ vector).max() < 1e-4
 
 
 # --- ListItems -----------------------------------------------------------------------
@@ -301,7 +485,10 @@ def test_server_info_lists_the_union_of_the_catalogs_rotation_steps(
     assert plans["films"].dimension == films.dimension
     union = set(plans["books"].rotation_steps) | set(plans["films"].rotation_steps)
     steps = list(info.ckks.galois_steps)
-    assert sorted(steps) == sorted(union)
+    assert steps[0] == 0  # complex conjugation first: for real scores only
+    assert 0 not in union
+    assert sorted(steps[1:]) == sorted(union)
+    assert tuple(steps) == scorer.galois_steps
     assert len(steps) == len(set(steps))
     assert 1 in steps  # both catalogs have baby steps > 1
     assert info.ckks.security_bits == 128

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -17,7 +18,14 @@ import zstandard
 
 from heserve import seal_io
 from heserve.engine import ScoringEngine, ScoringError
-from heserve.packing import DiagonalPlan, FloatArray, query_slots
+from heserve.packing import (
+    ComplexArray,
+    DiagonalPlan,
+    FloatArray,
+    imaginary_signs,
+    query_slots,
+    unpack_complex,
+)
 from heserve.params import (
     DEFAULT_PARAMETERS,
     PRESETS,
@@ -34,9 +42,12 @@ SLOTS = DEFAULT_PARAMETERS.slot_count
 N = DEFAULT_PARAMETERS.poly_modulus_degree
 
 
-def rot(vector: FloatArray, steps: int) -> FloatArray:
+Slots = TypeVar("Slots", FloatArray, ComplexArray)
+
+
+def rot(vector: Slots, steps: int) -> Slots:
     """CKKS rotate_vector by `steps` (positive = left), in numpy."""
-    result: FloatArray = np.roll(vector, -steps)
+    result: Slots = np.roll(vector, -steps)
     return result
 
 
@@ -126,21 +137,27 @@ def test_default_parameters_build_the_documented_context() -> None:
 # --------------------------------------------------------------------------- packing
 
 
-def simulate_bsgs(plan: DiagonalPlan, rows: FloatArray, u: FloatArray) -> FloatArray:
-    """scores = Σ_g rot(Σ_k D'[g*b+k] * rot(q, k), g*b), as ENGINE.md writes it."""
+def simulate_bsgs(plan: DiagonalPlan, rows: FloatArray, u: FloatArray) -> ComplexArray:
+    """slots = Σ_g rot(Σ_k D'[g*b+k] * rot(q, k), g*b), as ENGINE.md writes it.
+
+    Complex: up to 2S scores, read with `unpack_complex`.
+    """
     q = plan.query_slots(u)
     diagonals = plan.diagonals(rows)
     b = plan.baby_step
-    scores = np.zeros(plan.slot_count)
+    slots = np.zeros(plan.slot_count, dtype=np.complex128)
     for g in range(plan.giant_count):
-        inner = sum((diagonals[g * b + k] * rot(q, k) for k in range(b)), np.zeros(len(q)))
-        scores += rot(inner, g * b)
-    return scores
+        inner = sum(
+            (diagonals[g * b + k] * rot(q, k) for k in range(b)),
+            np.zeros(len(q), dtype=np.complex128),
+        )
+        slots += rot(inner, g * b)
+    return slots
 
 
 def simulate_engine(
     plan: DiagonalPlan, chunks: list[FloatArray], u: FloatArray
-) -> tuple[list[FloatArray], list[int]]:
+) -> tuple[list[ComplexArray], list[int]]:
     """The engine's schedule: single-step babies, Horner-folded giants. Logs each rotation."""
     used: list[int] = []
     q = plan.query_slots(u)
@@ -152,9 +169,12 @@ def simulate_engine(
     outputs = []
     for rows in chunks:
         diagonals = plan.diagonals(rows)
-        result: FloatArray | None = None
+        result: ComplexArray | None = None
         for g in reversed(range(plan.giant_count)):
-            inner = sum((diagonals[g * b + k] * babies[k] for k in range(b)), np.zeros(len(q)))
+            inner = sum(
+                (diagonals[g * b + k] * babies[k] for k in range(b)),
+                np.zeros(len(q), dtype=np.complex128),
+            )
             if result is None:
                 result = inner
                 continue
@@ -166,10 +186,14 @@ def simulate_engine(
 
 
 SHAPES = [
-    # (items, dimension, slots)
-    (10, 5, 16),
-    (37, 3, 16),  # n not a multiple of the slot count
-    (16, 16, 16),  # d' = S
+    # (items, dimension, slots); a chunk holds 2S items, S in the real parts
+    (10, 5, 16),  # real parts only
+    (37, 3, 16),  # n not a multiple of 2S: the last chunk has 5 rows
+    (16, 16, 16),  # d' = S, exactly the real parts
+    (17, 16, 16),  # one row in the imaginary parts
+    (32, 4, 16),  # exactly one full chunk
+    (33, 4, 16),  # one full chunk and one row
+    (96, 8, 16),  # three full chunks
     (1, 1, 16),
     (130, 24, 64),
     (70, 33, 64),  # d' = S = 64
@@ -187,10 +211,12 @@ def test_bsgs_sum_over_the_diagonals_equals_w_times_u(
     w = rng.standard_normal((items, dimension))
     u = rng.standard_normal(dimension)
     plan = DiagonalPlan.for_catalog(dimension, items, slots)
+    assert plan.items_per_chunk == 2 * slots
     got = []
-    for start in range(0, items, slots):
-        rows = w[start : start + slots]
-        got.append(simulate_bsgs(plan, rows, u)[: rows.shape[0]])
+    for start in range(0, items, plan.items_per_chunk):
+        rows = w[start : start + plan.items_per_chunk]
+        got.append(unpack_complex(simulate_bsgs(plan, rows, u), rows.shape[0]))
+    assert len(got) == -(-items // (2 * slots))
     np.testing.assert_allclose(np.concatenate(got), w @ u, rtol=0, atol=1e-9)
 
 
@@ -201,31 +227,51 @@ def test_every_baby_step_scores_correctly_with_two_rotation_keys(
     rng = np.random.default_rng(dimension)
     w = rng.standard_normal((items, dimension))
     u = rng.standard_normal(dimension)
-    chunks = [w[s : s + slots] for s in range(0, items, slots)]
+    chunks = [w[s : s + 2 * slots] for s in range(0, items, 2 * slots)]
     padded = DiagonalPlan.for_catalog(dimension, items, slots).padded_dimension
     for exponent in range(padded.bit_length()):
         plan = DiagonalPlan(dimension=dimension, slot_count=slots, baby_step=1 << exponent)
 
         outputs, used = simulate_engine(plan, chunks, u)
 
-        scores = np.concatenate([o[: r.shape[0]] for o, r in zip(outputs, chunks, strict=True)])
+        scores = np.concatenate(
+            [unpack_complex(o, r.shape[0]) for o, r in zip(outputs, chunks, strict=True)]
+        )
         np.testing.assert_allclose(scores, w @ u, rtol=0, atol=1e-9)
         assert set(used) == set(plan.rotation_steps)
         assert len(used) == plan.rotations_per_query(len(chunks))
 
 
-def test_slots_past_the_last_row_are_zero_in_every_diagonal() -> None:
+@pytest.mark.parametrize("count", [3, 16, 19, 32])
+def test_slots_past_the_last_row_are_zero_in_every_diagonal(count: int) -> None:
     plan = DiagonalPlan(dimension=5, slot_count=16, baby_step=2)
-    rows = np.random.default_rng(0).standard_normal((3, 5))
+    rows = np.random.default_rng(count).standard_normal((count, 5))
     diagonals = plan.diagonals(rows)
     assert diagonals.shape == (8, 16)
-    # un-rotate each giant block and check D[j][i] = W[i, (i+j) mod d'] (0 past d and n)
-    padded = np.zeros((16, 8))
-    padded[:3, :5] = rows
+    # un-rotate each giant block and check
+    # D[j][i] = W[i, (i+j) mod d'] + 1j * (-1)^i * W[S+i, (i+j) mod d'] (0 past d and n)
+    padded = np.zeros((32, 8))
+    padded[:count, :5] = rows
     for j in range(8):
         unrotated = rot(diagonals[j], (j // 2) * 2)
-        expected = [padded[i, (i + j) % 8] for i in range(16)]
-        np.testing.assert_array_equal(unrotated, expected)
+        real = [padded[i, (i + j) % 8] for i in range(16)]
+        imaginary = [(-1) ** i * padded[16 + i, (i + j) % 8] for i in range(16)]
+        np.testing.assert_array_equal(unrotated.real, real)
+        np.testing.assert_array_equal(unrotated.imag, imaginary)
+    if count <= 16:
+        assert not diagonals.imag.any()  # S rows or fewer: the imaginary parts stay zero
+
+
+def test_imaginary_signs_and_unpack_complex() -> None:
+    np.testing.assert_array_equal(imaginary_signs(6), [1, -1, 1, -1, 1, -1])
+    slots = np.array([1 + 5j, 2 + 6j, 3 + 7j, 4 + 8j])
+    np.testing.assert_array_equal(unpack_complex(slots, 8), [1, 2, 3, 4, 5, -6, 7, -8])
+    np.testing.assert_array_equal(unpack_complex(slots, 6), [1, 2, 3, 4, 5, -6])
+    np.testing.assert_array_equal(unpack_complex(slots, 3), [1, 2, 3])
+    assert unpack_complex(slots, 0).shape == (0,)
+    for count in (-1, 9):
+        with pytest.raises(ValueError):
+            unpack_complex(slots, count)
 
 
 def test_query_layout_repeats_the_zero_padded_vector() -> None:
@@ -248,17 +294,18 @@ def test_plan_refuses_impossible_layouts() -> None:
     with pytest.raises(ValueError):
         DiagonalPlan(dimension=8, slot_count=16, baby_step=3)
     plan = DiagonalPlan(dimension=8, slot_count=16, baby_step=2)
+    assert plan.diagonals(np.ones((32, 8))).shape == (8, 16)  # 2S rows fit
     with pytest.raises(ValueError):
-        plan.diagonals(np.ones((17, 8)))
+        plan.diagonals(np.ones((33, 8)))
     with pytest.raises(ValueError):
         plan.diagonals(np.ones((4, 7)))
 
 
 @pytest.mark.parametrize("dimension", [1, 2, 3, 5, 8, 24, 64, 100, 128, 512, 4096])
-@pytest.mark.parametrize("items", [1, 4096, 4097, 10_000, 100_000, 1_000_000])
+@pytest.mark.parametrize("items", [1, 4096, 4097, 8192, 8193, 10_000, 100_000, 1_000_000])
 def test_for_catalog_picks_the_cheapest_baby_step(dimension: int, items: int) -> None:
     slots = 4096
-    chunks = -(-items // slots)
+    chunks = -(-items // (2 * slots))  # a chunk holds 2S items
     padded = 1 << (dimension - 1).bit_length()
     costs = {}
     for exponent in range(padded.bit_length()):
@@ -321,6 +368,11 @@ class Keys:
         plaintext = seal.Plaintext()
         self.decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self.encoder.decode_double(plaintext), dtype=np.float64)
+
+    def decrypt_complex(self, ciphertext: seal.Ciphertext) -> ComplexArray:
+        plaintext = seal.Plaintext()
+        self.decryptor.decrypt(ciphertext, plaintext)
+        return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
 
     def galois_keys(self, steps: list[int]) -> seal.GaloisKeys:
         keys = seal.GaloisKeys()
@@ -488,7 +540,7 @@ def test_galois_keys_round_trip_through_bytes(keys: Keys) -> None:
     assert not loaded.has_key(seal_io.galois_element(2, N))
 
 
-STEPS = [1, 2, 3, 8, 16, 100, 1000, 2047, 2048, 4095, -1, -2, -16, -4095]
+STEPS = [0, 1, 2, 3, 8, 16, 100, 1000, 2047, 2048, 4095, -1, -2, -16, -4095]
 
 
 def test_galois_element_matches_seals_galois_tool(keys: Keys) -> None:
@@ -498,10 +550,27 @@ def test_galois_element_matches_seals_galois_tool(keys: Keys) -> None:
     ]
 
 
-@pytest.mark.parametrize("step", [0, SLOTS, -SLOTS, SLOTS + 1])
+@pytest.mark.parametrize("step", [SLOTS, -SLOTS, SLOTS + 1, -SLOTS - 1])
 def test_galois_element_refuses_steps_out_of_range(step: int) -> None:
     with pytest.raises(ValueError):
         seal_io.galois_element(step, N)
+
+
+def test_step_zero_is_complex_conjugation(keys: Keys) -> None:
+    assert seal_io.galois_element(0, N) == 2 * N - 1
+    rng = np.random.default_rng(6)
+    values = rng.uniform(-1, 1, SLOTS) + 1j * rng.uniform(-1, 1, SLOTS)
+    plaintext = seal.Plaintext()
+    keys.encoder.encode(values.tolist(), keys.params.scale, plaintext)
+    ciphertext = seal.Ciphertext()
+    keys.encryptor.encrypt_symmetric(plaintext, ciphertext)
+    galois = keys.galois_keys([0])
+    assert galois.has_key(2 * N - 1)
+    conjugate = seal.Ciphertext()
+    seal.Evaluator(keys.context).complex_conjugate(ciphertext, galois, conjugate)
+    keys.decryptor.decrypt(conjugate, plaintext)
+    decoded = np.asarray(keys.encoder.decode_complex(plaintext))
+    np.testing.assert_allclose(decoded, np.conj(values), atol=1e-5)
 
 
 @pytest.mark.parametrize("step", [1, 16, 100, -1, -7, 4095])
@@ -541,21 +610,35 @@ def scoring(request: pytest.FixtureRequest) -> Scoring:
     return Scoring(ScoringEngine(params), Keys(params), TOLERANCE[name])
 
 
+def encrypted_outputs(
+    engine: ScoringEngine,
+    keys: Keys,
+    plan: DiagonalPlan,
+    rows: FloatArray,
+    u: FloatArray,
+    galois: seal.GaloisKeys | None = None,
+) -> list[tuple[int, seal.Ciphertext]]:
+    """Each chunk's row count and complex-slot result ciphertext, 2S rows per chunk."""
+    size = plan.items_per_chunk
+    chunks = [engine.encode_rows(plan, rows[s : s + size]) for s in range(0, len(rows), size)]
+    assert len(chunks) == -(-len(rows) // (2 * plan.slot_count))
+    query = keys.encrypt(plan.query_slots(u))
+    if galois is None:
+        galois = keys.galois_keys(list(plan.rotation_steps))
+    outputs = list(engine.score(plan, chunks, query, galois))
+    assert len(outputs) == len(chunks)
+    top = engine.context.first_context_data()
+    level = top.next_context_data() if engine.params.rescales else top
+    for output in outputs:
+        assert output.parms_id() == level.parms_id()
+    return [(chunk.row_count, output) for chunk, output in zip(chunks, outputs, strict=True)]
+
+
 def encrypted_scores(
     engine: ScoringEngine, keys: Keys, plan: DiagonalPlan, rows: FloatArray, u: FloatArray
 ) -> FloatArray:
-    slots = plan.slot_count
-    chunks = [engine.encode_rows(plan, rows[s : s + slots]) for s in range(0, len(rows), slots)]
-    query = keys.encrypt(plan.query_slots(u))
-    galois = keys.galois_keys(list(plan.rotation_steps))
-    outputs = list(engine.score(plan, chunks, query, galois))
-    assert len(outputs) == len(chunks)
-    parts = []
-    top = engine.context.first_context_data()
-    level = top.next_context_data() if engine.params.rescales else top
-    for chunk, output in zip(chunks, outputs, strict=True):
-        assert output.parms_id() == level.parms_id()
-        parts.append(keys.decrypt(output)[: chunk.row_count])
+    outputs = encrypted_outputs(engine, keys, plan, rows, u)
+    parts = [unpack_complex(keys.decrypt_complex(out), count) for count, out in outputs]
     return np.concatenate(parts)
 
 
@@ -618,8 +701,9 @@ def test_tiny_entries_that_encode_to_zero_are_skipped(scoring: Scoring) -> None:
 
 
 def test_several_chunks_score_like_plaintext(scoring: Scoring) -> None:
+    # a full chunk of 2S rows, then one with all its real parts and 300 imaginary ones
     rng = np.random.default_rng(13)
-    rows = rng.standard_normal((scoring.slots + 300, 24))
+    rows = rng.standard_normal((3 * scoring.slots + 300, 24))
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     u = rng.standard_normal(24)
     u /= np.linalg.norm(u)
@@ -630,12 +714,67 @@ def test_several_chunks_score_like_plaintext(scoring: Scoring) -> None:
     np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
 
 
+def test_rows_only_in_the_imaginary_parts_score(scoring: Scoring) -> None:
+    # the first S rows are zero: every diagonal is purely imaginary
+    engine, slots = scoring.engine, scoring.slots
+    rng = np.random.default_rng(15)
+    rows = np.zeros((slots + 40, 16))
+    rows[slots:] = rng.standard_normal((40, 16))
+    rows[slots:] /= np.linalg.norm(rows[slots:], axis=1, keepdims=True)
+    u = rng.standard_normal(16)
+    u /= np.linalg.norm(u)
+    plan = DiagonalPlan.for_catalog(16, rows.shape[0], slots)
+
+    scores = encrypted_scores(engine, scoring.keys, plan, rows, u)
+
+    np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
+
+
+def test_split_complex_gives_the_two_halves_as_real_slots(scoring: Scoring) -> None:
+    engine, keys, slots = scoring.engine, scoring.keys, scoring.slots
+    rng = np.random.default_rng(16)
+    rows = rng.standard_normal((slots + 300, 24))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    u = rng.standard_normal(24)
+    u /= np.linalg.norm(u)
+    plan = DiagonalPlan.for_catalog(24, rows.shape[0], slots)
+    galois = keys.galois_keys([0, *plan.rotation_steps])  # with the conjugation key
+    ((count, output),) = encrypted_outputs(engine, keys, plan, rows, u, galois)
+    expected = rows @ u
+
+    real, imaginary = engine.split_complex(output, galois)
+
+    complex_scores = unpack_complex(keys.decrypt_complex(output), count)
+    for part in (real, imaginary):
+        assert part.parms_id() == output.parms_id()
+        assert part.scale == 2 * output.scale
+    real_slots, imaginary_slots = keys.decrypt_complex(real), keys.decrypt_complex(imaginary)
+    # each half in the real parts, nothing in the imaginary parts
+    np.testing.assert_allclose(real_slots.real, expected[:slots], rtol=0, atol=scoring.tolerance)
+    np.testing.assert_allclose(
+        imaginary_slots.real[:300], expected[slots:], rtol=0, atol=scoring.tolerance
+    )
+    np.testing.assert_allclose(imaginary_slots.real[300:], 0, rtol=0, atol=scoring.tolerance)
+    for part_slots in (real_slots, imaginary_slots):
+        np.testing.assert_allclose(part_slots.imag, 0, rtol=0, atol=scoring.tolerance)
+    # the split spends no precision: the same scores as the complex result
+    split = np.concatenate([real_slots.real, imaginary_slots.real[:300]])
+    np.testing.assert_allclose(split, complex_scores, rtol=0, atol=scoring.tolerance / 10)
+    with pytest.raises(ValueError):  # SEAL: no conjugation key
+        engine.split_complex(output, keys.galois_keys(list(plan.rotation_steps)))
+
+
 def test_an_all_zero_chunk_is_refused(scoring: Scoring) -> None:
     engine, slots = scoring.engine, scoring.slots
     plan = DiagonalPlan.for_catalog(100, 5, slots)
     with pytest.raises(ScoringError):
         engine.encode_rows(plan, np.zeros((5, 100)))
-    rows = np.zeros((slots + 5, 100))
-    rows[:slots, 0] = 1.0  # the first chunk is fine, the second is all zero
+    with pytest.raises(ScoringError):
+        engine.encode_rows(plan, np.zeros((2 * slots, 100)))  # a full chunk of zero rows
+    half = np.zeros((2 * slots, 100))
+    half[slots, 0] = 1.0  # one row in the imaginary parts: not all zero
+    assert engine.encode_rows(plan, half).row_count == 2 * slots
+    rows = np.zeros((2 * slots + 5, 100))
+    rows[: 2 * slots, 0] = 1.0  # the first chunk (2S rows) is fine, the second is all zero
     with pytest.raises(ScoringError):
         engine.encode_catalog(plan, rows)

@@ -12,14 +12,15 @@ import pytest
 
 from heserve.catalog import Catalog, unit_rows
 from heserve.errors import UnavailableError
-from heserve.packing import query_slots
+from heserve.packing import query_slots, unpack_complex
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import Scorer
 from heserve.workers import ProcessBackend
 from heserve_client import SecretContext
 
-# 3 chunks of 4,096 slots, so two workers hold unequal shards (chunks 0, 2 and 1).
-ITEMS, DIMENSION = 9_000, 48
+SLOTS = DEFAULT_PARAMETERS.slot_count
+# 3 chunks of 2 x 4,096 items, so two workers hold unequal shards (chunks 0, 2 and 1).
+ITEMS, DIMENSION = 4 * SLOTS + 808, 48
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,31 @@ def secret() -> SecretContext:
     return SecretContext(DEFAULT_PARAMETERS)
 
 
-def _scores(scorer: Scorer, secret: SecretContext, key_id: str, vector: np.ndarray) -> np.ndarray:
-    query = secret.encrypt(query_slots(vector, DIMENSION, DEFAULT_PARAMETERS.slot_count))
-    runs = list(scorer.score(key_id, "pool", query, []))
-    assert [(r.offset, r.count, r.index, r.total) for r in runs] == [
-        (0, 4096, 0, 3),
-        (4096, 4096, 1, 3),
-        (8192, ITEMS - 8192, 2, 3),
+def _scores(
+    scorer: Scorer,
+    secret: SecretContext,
+    key_id: str,
+    vector: np.ndarray,
+    complex_scores: bool = False,
+) -> np.ndarray:
+    query = secret.encrypt(query_slots(vector, DIMENSION, SLOTS))
+    runs = list(scorer.score(key_id, "pool", query, [], complex_scores=complex_scores))
+    layout = [(r.offset, r.count, r.index, r.total) for r in runs]
+    if complex_scores:  # one run per chunk
+        assert layout == [
+            (0, 2 * SLOTS, 0, 3),
+            (2 * SLOTS, 2 * SLOTS, 1, 3),
+            (4 * SLOTS, ITEMS - 4 * SLOTS, 2, 3),
+        ]
+        return np.concatenate(
+            [unpack_complex(secret.decrypt_complex(r.scores, 1 << 22), r.count) for r in runs]
+        )
+    assert layout == [  # each chunk split in two: its real parts, then its imaginary parts
+        (0, SLOTS, 0, 5),
+        (SLOTS, SLOTS, 1, 5),
+        (2 * SLOTS, SLOTS, 2, 5),
+        (3 * SLOTS, SLOTS, 3, 5),
+        (4 * SLOTS, ITEMS - 4 * SLOTS, 4, 5),
     ]
     return np.concatenate([secret.decrypt(r.scores, 1 << 22)[: r.count] for r in runs])
 
@@ -60,10 +79,18 @@ def test_pool_scores_equal_plaintext_and_local(
     pooled_scores = _scores(
         pooled, secret, pooled.register_keys(secret_keys(pooled, secret)), vector
     )
-    local_scores = _scores(local, secret, local.register_keys(secret_keys(local, secret)), vector)
+    local_key_id = local.register_keys(secret_keys(local, secret))
+    local_scores = _scores(local, secret, local_key_id, vector)
+    pooled_complex = _scores(
+        pooled, secret, pooled.register_keys(secret_keys(pooled, secret)), vector, True
+    )
+    local_complex = _scores(local, secret, local_key_id, vector, complex_scores=True)
 
-    assert np.abs(pooled_scores - catalog.embeddings @ vector).max() < 1e-4
+    expected = catalog.embeddings @ vector
+    for scores in (pooled_scores, local_scores, pooled_complex, local_complex):
+        assert np.abs(scores - expected).max() < 1e-4
     assert np.abs(pooled_scores - local_scores).max() < 1e-4
+    assert np.abs(pooled_complex - local_complex).max() < 1e-4
 
 
 def secret_keys(scorer: Scorer, secret: SecretContext) -> bytes:
@@ -100,14 +127,15 @@ def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
 ) -> None:
     # 16 chunks of 128 dimensions: after the first result, the victim still has
     # several chunks (tens of milliseconds) of the query to go.
-    large = Catalog("large", unit_rows(16 * 4096, 128, 11), tuple(map(str, range(16 * 4096))))
+    size = 16 * 2 * SLOTS
+    large = Catalog("large", unit_rows(size, 128, 11), tuple(map(str, range(size))))
     backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
     try:
         scorer = Scorer(DEFAULT_PARAMETERS, [catalog, large], backend=backend)
         key_id = scorer.register_keys(secret_keys(scorer, secret))
         vector = unit_rows(1, DIMENSION, 10)[0]
         wide = unit_rows(1, 128, 12)[0]
-        wide_query = secret.encrypt(query_slots(wide, 128, DEFAULT_PARAMETERS.slot_count))
+        wide_query = secret.encrypt(query_slots(wide, 128, SLOTS))
         runs = scorer.score(key_id, "large", wide_query, [])
         next(runs)  # the query is in flight in both workers
 
