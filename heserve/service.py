@@ -214,7 +214,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             request.catalog_version,
             request.complex_scores,
         )
-        # Each step of `runs` computes one output ciphertext: look at the call between them.
+        # Between responses (each computed, or the second half of a split result),
+        # look at the call: stop once the client has gone or the deadline passed.
         for run in runs:
             if _past_deadline(context):
                 log.info("Score past its deadline after %d of %d responses", run.index, run.total)
