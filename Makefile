@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test lint stubs bench bench-quick bench-compare clean
+.PHONY: setup demo test lint stubs bench bench-quick bench-compare bench-pool bench-ray bench-million clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.report run --tier quick
+
+# The process pool with 2 workers against 1 (and the in-process engine), called in turn (d = 128, 65,536 items).
+bench-pool: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.pool_bench
+
+# Local process pool against Ray on this machine (d = 128, 65,536 items): ratio, restart, key shipping.
+bench-ray: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.ray_bench
+
+# 1,000,000 × 128 over gRPC, server (2 workers) in a subprocess: ~1 min, ~5.6 GB server + 1.1 GB client; PRESET=fast|precise|compact
+bench-million: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.million --preset $(or $(PRESET),precise) --workers $(or $(WORKERS),2)
 
 # BASELINE=path.json (default: the committed quick-tier baseline); CURRENT= (default: latest run)
 bench-compare: $(STAMP)

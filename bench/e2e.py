@@ -17,16 +17,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.methods import PARAMS, FloatArray, Workload, decrypt_scores
+from bench.methods import (
+    CATALOG,
+    METHODS,
+    PARAMS,
+    FloatArray,
+    Workload,
+    complex_score_steps,
+    decrypt_runs,
+    item_ids,
+)
 from bench.results import LoadRecord, ServerSideRecord
-from heserve import seal_io
 from heserve.catalog import Catalog
-from heserve.scoring import Scorer
+from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
+from heserve.scoring import ScoredRun, Scorer
 from heserve.server import RunningServer, start_server
 from heserve_client import Client
 from heserve_client._secret import SecretContext
-
-CATALOG = "bench"
 
 # Apple swift-homomorphic-encryption, PNNS benchmark, 4,096 items × 128 dimensions
 # (as quoted in the brief): time range, and key / query / response sizes in bytes.
@@ -36,10 +43,16 @@ APPLE_QUERY_BYTES = 28_000
 APPLE_RESPONSE_BYTES = 52_000
 
 
-def make_scorer(workload: Workload) -> Scorer:
+def make_scorer(workload: Workload, params: CkksParameters = PARAMS) -> Scorer:
     """A Scorer serving the workload's catalog as `bench` (encoding happens here)."""
-    ids = tuple(f"item-{i}" for i in range(workload.items))
-    return Scorer(PARAMS, [Catalog(CATALOG, np.array(workload.catalog), ids)])
+    catalog = Catalog(CATALOG, np.array(workload.catalog), item_ids(workload.items))
+    return Scorer(params, [catalog])
+
+
+def preset_tolerance(preset: str) -> float:
+    """The error a preset is held to: its inner-loop method's tolerance."""
+    name = "engine" if preset == DEFAULT_PRESET else f"engine-{preset}"
+    return METHODS[name].max_abs_error
 
 
 @contextmanager
@@ -130,13 +143,16 @@ def run_load(target: str, workload: Workload, clients: int, queries: int) -> Loa
 
 @dataclass
 class ServerSideCase:
-    """The server's whole part of one query, from bytes in to bytes out.
+    """The server's whole part of one query, from bytes in to bytes out, under one preset.
 
-    `run()` is `register_keys(key blob)` plus the `score(...)` generator fully
-    consumed (which loads the query, scores, and serialises each response
-    ciphertext); `reset()` forgets the keys so the next run loads them again.
+    `run()` is `register_keys(key blob)` plus the `score(..., complex_scores=True)`
+    generator fully consumed (which loads and checks the query, scores, and
+    serialises each response ciphertext); `reset()` forgets the keys so the next run
+    loads them again. The key blob is what the Python client uploads: the rotation
+    steps without the conjugation key, which complex scores do not need.
     """
 
+    preset: str
     scorer: Scorer
     secret: SecretContext
     expected: FloatArray
@@ -145,15 +161,17 @@ class ServerSideCase:
     key_id: str = ""
 
     @classmethod
-    def build(cls, workload: Workload) -> ServerSideCase:
-        scorer = make_scorer(workload)
-        secret = SecretContext(PARAMS)
+    def build(cls, workload: Workload, preset: str = DEFAULT_PRESET) -> ServerSideCase:
+        params = PRESETS[preset]
+        scorer = make_scorer(workload, params)
+        secret = SecretContext(params)
         plan = scorer.catalog(CATALOG).plan
         return cls(
+            preset=preset,
             scorer=scorer,
             secret=secret,
             expected=workload.expected(),
-            key_blob=secret.galois_keys(scorer.galois_steps),
+            key_blob=secret.galois_keys(complex_score_steps(scorer)),
             query_blob=secret.encrypt(plan.query_slots(workload.query)),
         )
 
@@ -165,21 +183,17 @@ class ServerSideCase:
         self.key_id = self.scorer.register_keys(self.key_blob)
         return self.key_id
 
-    def score(self) -> list[bytes]:
-        return [run.scores for run in self.scorer.score(self.key_id, CATALOG, self.query_blob, [])]
+    def score(self) -> list[ScoredRun]:
+        return list(
+            self.scorer.score(self.key_id, CATALOG, self.query_blob, [], complex_scores=True)
+        )
 
-    def run(self) -> list[bytes]:
+    def run(self) -> list[ScoredRun]:
         self.register()
         return self.score()
 
-    def error(self, responses: list[bytes]) -> float:
-        max_bytes = self.scorer.limits.max_message_bytes
-        ciphertexts = [
-            seal_io.load_ciphertext(self.scorer.engine.context, blob, max_bytes)
-            for blob in responses
-        ]
-        scores = decrypt_scores(self.secret, ciphertexts, len(self.expected), PARAMS.slot_count)
-        return float(np.abs(scores - self.expected).max())
+    def error(self, responses: list[ScoredRun]) -> float:
+        return float(np.abs(decrypt_runs(self.secret, responses) - self.expected).max())
 
     def breakdown(self, rounds: int) -> tuple[float, float]:
         """Median seconds of the key registration and of the scoring, timed apart."""
@@ -194,9 +208,10 @@ class ServerSideCase:
             scoring.append(time.perf_counter() - began)
         return statistics.median(registering), statistics.median(scoring)
 
-    def record(self, seconds: float, rounds: int, responses: list[bytes]) -> ServerSideRecord:
+    def record(self, seconds: float, rounds: int, responses: list[ScoredRun]) -> ServerSideRecord:
         register, score = self.breakdown(rounds)
         items, d = self.scorer.catalog(CATALOG).catalog.embeddings.shape
+        params = self.scorer.params
         return ServerSideRecord(
             d=int(d),
             items=int(items),
@@ -206,6 +221,9 @@ class ServerSideCase:
             score_seconds=score,
             key_bytes=len(self.key_blob),
             query_bytes=len(self.query_blob),
-            response_bytes=sum(len(blob) for blob in responses),
+            response_bytes=sum(len(run.scores) for run in responses),
             max_abs_error=self.error(responses),
+            preset=self.preset,
+            poly_modulus_degree=params.poly_modulus_degree,
+            responses=len(responses),
         )

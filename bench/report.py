@@ -135,6 +135,34 @@ def inner_table(results: Results) -> str:
     return _table(header, rows)
 
 
+def pool_scaling(results: Results) -> list[str]:
+    """One line per (d, catalog size) with both process pools: 2 workers over 1, and over
+    the in-process engine."""
+    lines = []
+    for d, items in groups(results):
+        one = record_at(results, "engine-pool-1", d, items)
+        two = record_at(results, "engine-pool-2", d, items)
+        if one is None or two is None or one.sliced or two.sliced:
+            continue
+        line = (
+            f"  d={d}, {items:,} items: engine-pool-2 {_rate(two.items_per_second)} items/s, "
+            f"engine-pool-1 {_rate(one.items_per_second)}: 2 workers / 1 worker = "
+            f"{two.items_per_second / one.items_per_second:.2f}× (medians)"
+        )
+        if one.best_seconds > 0 and two.best_seconds > 0:
+            line += (
+                f", {two.best_items_per_second / one.best_items_per_second:.2f}× (fastest rounds)"
+            )
+        engine = record_at(results, "engine", d, items)
+        if engine is not None and not engine.sliced:
+            line += (
+                f"; pool-1 / in-process engine = "
+                f"{one.items_per_second / engine.items_per_second:.2f}×"
+            )
+        lines.append(line)
+    return lines
+
+
 def load_table(results: Results) -> str:
     header = [
         "d",
@@ -175,23 +203,45 @@ def load_table(results: Results) -> str:
 
 
 def server_side_table(results: Results) -> str:
+    """The Apple PNNS case, one column per preset, Apple's figures last."""
     low, high = APPLE_SECONDS
-    rows = []
-    for r in results.server_side:
-        rows += [
-            [
-                f"time, ms ({r.items:,} × {r.d}; median of {r.rounds})",
-                f"{r.seconds * 1e3:.1f}",
-                f"{low * 1e3:.1f}–{high * 1e3:.1f}",
-            ],
-            ["  of which: deserialise + check keys", f"{r.register_seconds * 1e3:.1f}", ""],
-            ["  of which: query in, score, responses out", f"{r.score_seconds * 1e3:.1f}", ""],
-            ["key bytes", _kib(r.key_bytes), _kib(APPLE_KEY_BYTES)],
-            ["query bytes", _kib(r.query_bytes), _kib(APPLE_QUERY_BYTES)],
-            ["response bytes", _kib(r.response_bytes), _kib(APPLE_RESPONSE_BYTES)],
-            ["max abs error", f"{r.max_abs_error:.1e}", ""],
-        ]
-    return _table(["server side (Apple PNNS measure)", "heserve", "Apple"], rows)
+    records = results.server_side
+    rounds = sorted({r.rounds for r in records})
+    shapes = sorted({(r.items, r.d) for r in records})
+    shape = ", ".join(f"{items:,} × {d}" for items, d in shapes)
+    rows = [
+        ["ring degree", *(f"N={r.poly_modulus_degree}" for r in records), ""],
+        [
+            f"time, ms ({shape}; median of {'/'.join(map(str, rounds))})",
+            *(f"{r.seconds * 1e3:.1f}" for r in records),
+            f"{low * 1e3:.1f}–{high * 1e3:.1f}",
+        ],
+        [
+            "  of which: deserialise + check keys",
+            *(f"{r.register_seconds * 1e3:.1f}" for r in records),
+            "",
+        ],
+        [
+            "  of which: query in, score, responses out",
+            *(f"{r.score_seconds * 1e3:.1f}" for r in records),
+            "",
+        ],
+        ["× Apple's upper figure", *(f"{r.seconds / high:.1f}×" for r in records), ""],
+        ["key bytes", *(_kib(r.key_bytes) for r in records), _kib(APPLE_KEY_BYTES)],
+        ["query bytes", *(_kib(r.query_bytes) for r in records), _kib(APPLE_QUERY_BYTES)],
+        [
+            "response bytes (ciphertexts)",
+            *(f"{_kib(r.response_bytes)} ({r.responses or '?'})" for r in records),
+            _kib(APPLE_RESPONSE_BYTES),
+        ],
+        ["max abs error", *(f"{r.max_abs_error:.1e}" for r in records), ""],
+    ]
+    header = [
+        "server side (Apple PNNS measure)",
+        *(f"heserve {r.preset}" for r in records),
+        "Apple",
+    ]
+    return _table(header, rows)
 
 
 def render(results: Results) -> str:
@@ -210,6 +260,9 @@ def render(results: Results) -> str:
                 if name in METHODS
             ),
         ]
+        scaling = pool_scaling(results)
+        if scaling:
+            parts += ["", "Process pool scaling (same run, same catalog):", *scaling]
     if results.load:
         parts += [
             "",
@@ -280,11 +333,17 @@ def plot(results: Results, path: Path) -> None:
 # --------------------------------------------------------------------------- compare
 
 
+def gated(method: str) -> bool:
+    """Whether the gate compares this subject (methods no longer registered: yes)."""
+    registered = METHODS.get(method)
+    return registered is None or registered.gated
+
+
 def ratio_metrics(results: Results, references: Sequence[str]) -> dict[str, float]:
     """Each subject's items/s over each reference's, per (d, catalog size), same run."""
     metrics = {}
     for record in results.inner:
-        if record.role != "subject" or record.sliced:
+        if record.role != "subject" or record.sliced or not gated(record.method):
             continue
         for name in references:
             reference = record_at(results, name, record.d, record.items)

@@ -48,6 +48,13 @@ class InnerRecord:
     sliced: bool = False
     """Timed on a slice of `scored` items; the rate per item stands for every size of this d."""
     info: Info = field(default_factory=dict)
+    best_seconds: float = 0.0
+    """Seconds per call of the fastest round: the one least disturbed by other work on
+    the machine (0: not recorded)."""
+
+    @property
+    def best_items_per_second(self) -> float:
+        return self.scored / self.best_seconds if self.best_seconds > 0 else 0.0
 
     @classmethod
     def build(
@@ -59,6 +66,7 @@ class InnerRecord:
         iterations: int,
         error: float,
         sliced: bool = False,
+        best_seconds: float = 0.0,
     ) -> InnerRecord:
         scored = prepared.runner.scored
         return cls(
@@ -76,6 +84,7 @@ class InnerRecord:
             resident_mib=prepared.resident_bytes / (1 << 20),
             sliced=sliced,
             info=dict(prepared.runner.info),
+            best_seconds=best_seconds,
         )
 
 
@@ -119,6 +128,10 @@ class ServerSideRecord:
     query_bytes: int
     response_bytes: int
     max_abs_error: float
+    preset: str = "precise"
+    poly_modulus_degree: int = 8192
+    responses: int = 0
+    """Response ciphertexts (complex scores: one per 2S items)."""
 
 
 def to_extra_info(

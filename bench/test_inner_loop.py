@@ -1,7 +1,8 @@
 """The encrypted inner loop, items scored per second, for every registered method.
 
 Setup (encoding the catalog, keys, encrypting the query) happens outside the
-timing; one warm-up call sizes the rounds to the tier's time budget.
+timing; one warm-up call sizes the rounds to the tier's time budget. A method's
+runner is closed after its case (the pool methods stop their worker processes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bench.methods import (
 )
 from bench.results import InnerRecord, to_extra_info
 from bench.tiers import InnerCase, Tier
-from bench.timed import median_seconds, pedantic
+from bench.timed import median_seconds, min_seconds, pedantic
 
 
 def test_inner_loop(
@@ -35,12 +36,15 @@ def test_inner_loop(
         )
     workload = catalogs.workload(inner_case.d, inner_case.items).head(inner_case.scored)
     prepared = prepare(method, workload)
-    rounds, iterations = choose_rounds(
-        prepared.first_call_seconds, tier.budget_seconds, tier.min_rounds
-    )
-    benchmark.group = f"inner d={inner_case.d}"
-    result = pedantic(benchmark, prepared.runner.run, rounds, iterations)
-    error = prepared.runner.error(result)
+    try:
+        rounds, iterations = choose_rounds(
+            prepared.first_call_seconds, tier.budget_seconds, tier.min_rounds
+        )
+        benchmark.group = f"inner d={inner_case.d}"
+        result = pedantic(benchmark, prepared.runner.run, rounds, iterations)
+        error = prepared.runner.error(result)
+    finally:
+        prepared.runner.close()  # worker processes do not outlive their case
     record = InnerRecord.build(
         prepared,
         inner_case.items,
@@ -49,6 +53,7 @@ def test_inner_loop(
         iterations,
         error,
         sliced=inner_case.sliced,
+        best_seconds=min_seconds(benchmark),
     )
     benchmark.extra_info.update(to_extra_info("inner", record))
     assert error < method.max_abs_error

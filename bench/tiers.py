@@ -1,10 +1,13 @@
 """What each benchmark tier covers: methods, dimensions, catalog sizes, load runs.
 
-- quick: d = 128, 4,096 and 16,384 items, peers on slices, one end-to-end run with
-  2 clients and the server-side Apple case; about a minute (`make bench-quick`).
-- full: d ∈ {32, 128, 512}, 4,096 to 1,000,000 items, end-to-end runs with 1 to 8
-  clients and a 65,536-item catalog; cases whose encoded catalog would not fit the
-  memory budget are skipped, with the reason (`make bench`).
+- quick: d = 128, 4,096 and 16,384 items, peers on slices, the engine and the
+  1- and 2-worker process pools at 65,536 items, one end-to-end run with 2
+  clients and the server-side Apple case under each preset; about two minutes
+  (`make bench-quick`).
+- full: d ∈ {32, 128, 512}, 4,096 to 1,000,000 items (the pools at 65,536 and
+  1,000,000), end-to-end runs with 1 to 8 clients and a 65,536-item catalog;
+  cases whose encoded catalog would not fit the memory budget are skipped, with
+  the reason (`make bench`).
 - ci: d = 32, 4,096 items, tiny slices; for tests/test_bench_quick.py, which
   exercises the harness and the regression gate in seconds.
 """
@@ -68,6 +71,10 @@ class Tier:
     """Registered method names to run; None runs every registered method."""
     slices: Mapping[str, int] = field(default_factory=dict)
     """Per-method slice sizes overriding the method's own `slice_items`."""
+    method_sizes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per-method catalog sizes replacing `sizes` for that method (the process pools
+    run only where they have chunks to spread; the engine runs there too, as their
+    one-process reference)."""
     load: tuple[LoadCase, ...] = ()
     server_side_rounds: int = 0
     """Rounds of the server-side Apple case (4,096 × 128); 0 skips it."""
@@ -75,21 +82,29 @@ class Tier:
     def method_names(self) -> list[str]:
         return list(self.methods) if self.methods is not None else list(METHODS)
 
+    def sizes_of(self, name: str) -> tuple[int, ...]:
+        """The catalog sizes method `name` runs at in this tier."""
+        return tuple(sorted(self.method_sizes.get(name, self.sizes)))
+
     def inner_cases(self) -> list[InnerCase]:
         """Cases ordered d by d, size by size (one catalog in memory at a time).
 
-        A sliced method runs once per d, on a slice of the smallest catalog: its
+        A sliced method runs once per d, on a slice of its smallest catalog: its
         rate per item does not depend on the catalog size.
         """
+        names = self.method_names()
+        every_size = sorted({items for name in names for items in self.sizes_of(name)})
         cases = []
         for d in self.dimensions:
-            for index, items in enumerate(self.sizes):
-                for name in self.method_names():
+            for items in every_size:
+                for name in names:
                     method = METHODS[name]
+                    sizes = self.sizes_of(name)
                     slice_items = self.slices.get(name, method.slice_items)
                     if slice_items is None:
-                        cases.append(InnerCase(name, d, items, items))
-                    elif index == 0:
+                        if items in sizes:
+                            cases.append(InnerCase(name, d, items, items))
+                    elif items == sizes[0]:
                         cases.append(
                             InnerCase(name, d, items, min(slice_items, items), sliced=True)
                         )
@@ -106,13 +121,23 @@ class Tier:
         if needed > memory_budget_bytes():
             return None
         prepared = prepare(method, source.workload(case.d, case.items).head(case.scored))
-        rounds, iterations = choose_rounds(
-            prepared.first_call_seconds, self.budget_seconds, self.min_rounds
-        )
-        seconds, result = time_calls(prepared.runner.run, rounds, iterations)
-        error = prepared.runner.error(result)
+        try:
+            rounds, iterations = choose_rounds(
+                prepared.first_call_seconds, self.budget_seconds, self.min_rounds
+            )
+            seconds, best, result = time_calls(prepared.runner.run, rounds, iterations)
+            error = prepared.runner.error(result)
+        finally:
+            prepared.runner.close()
         return InnerRecord.build(
-            prepared, case.items, seconds, rounds, iterations, error, sliced=case.sliced
+            prepared,
+            case.items,
+            seconds,
+            rounds,
+            iterations,
+            error,
+            sliced=case.sliced,
+            best_seconds=best,
         )
 
 
@@ -122,6 +147,11 @@ QUICK = Tier(
     sizes=(4_096, 16_384),
     budget_seconds=3.0,
     slices={"tenseal-dot": 64},
+    method_sizes={
+        "engine": (4_096, 16_384, 65_536),
+        "engine-pool-1": (65_536,),
+        "engine-pool-2": (65_536,),
+    },
     load=(LoadCase(d=128, items=4_096, clients=2, queries=5),),
     server_side_rounds=10,
 )
@@ -132,6 +162,10 @@ FULL = Tier(
     sizes=(4_096, 16_384, 65_536, 262_144, 1_000_000),
     budget_seconds=8.0,
     slices={"tenseal-dot": 256},
+    method_sizes={
+        "engine-pool-1": (65_536, 1_000_000),
+        "engine-pool-2": (65_536, 1_000_000),
+    },
     load=(
         LoadCase(d=128, items=4_096, clients=1, queries=20),
         LoadCase(d=128, items=4_096, clients=2, queries=20),

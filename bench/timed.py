@@ -21,6 +21,13 @@ def pedantic(
     )
 
 
+def min_seconds(benchmark: BenchmarkFixture) -> float:
+    """Seconds per call of the fastest round of the benchmark just run."""
+    if benchmark.stats is None:
+        raise RuntimeError("pytest-benchmark recorded no timings (is --benchmark-disable on?)")
+    return float(benchmark.stats.stats.min)
+
+
 def median_seconds(benchmark: BenchmarkFixture) -> float:
     """Median seconds per call of the benchmark just run."""
     if benchmark.stats is None:
