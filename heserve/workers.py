@@ -15,6 +15,7 @@ interleave in the workers instead of waiting for each other in the front.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import logging
 import multiprocessing
@@ -45,8 +46,12 @@ def _progress_to(conn: Connection, request_id: int) -> Progress:
     return lambda done, total: conn.send(("progress", request_id, 1))
 
 
-def _serve_worker(conn: Connection, params: CkksParameters) -> None:
-    """A worker's loop: keep shards and keys, answer tagged requests in order."""
+def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64) -> None:
+    """A worker's loop: keep shards and keys, answer tagged requests in order.
+
+    `cancelled`, shared with the front, names the last query the front gave up on
+    (its caller hung up or ran out of time): the worker stops it at the next chunk.
+    """
     engine = ScoringEngine(params)
     shards: dict[str, tuple[DiagonalPlan, list[int], list[Chunk]]] = {}
     keys: dict[str, seal.GaloisKeys] = {}
@@ -71,6 +76,8 @@ def _serve_worker(conn: Connection, params: CkksParameters) -> None:
                 results = engine.score(plan, chunks, query, keys[key_id])
                 for index, scores in zip(indices, results, strict=True):
                     conn.send(("chunk", request_id, index, seal_io.to_bytes(scores)))
+                    if cancelled.value == request_id:
+                        break
                 conn.send(("done", request_id))
             elif kind == "forget":
                 keys.pop(message[2], None)
@@ -85,6 +92,7 @@ class _Worker:
     index: int
     process: multiprocessing.process.BaseProcess
     conn: Connection
+    cancelled: ctypes.c_int64
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     keys_held: set[str] = field(default_factory=set)
     alive: bool = True
@@ -138,15 +146,16 @@ class ProcessBackend:
 
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
+        cancelled = self._context.RawValue(ctypes.c_int64, 0)
         process = self._context.Process(
             target=_serve_worker,
-            args=(back, self.params),
+            args=(back, self.params, cancelled),
             name=f"heserve-worker-{index}",
             daemon=True,
         )
         process.start()
         back.close()
-        worker = _Worker(index, process, front)
+        worker = _Worker(index, process, front, cancelled)
         threading.Thread(
             target=self._route, args=(worker,), name=f"heserve-route-{index}", daemon=True
         ).start()
@@ -262,6 +271,7 @@ class ProcessBackend:
         total = self._catalogs[name]
         workers = self._ready_workers()
         request_id, replies = self._open()
+        finished = False
         try:
             for worker in workers:
                 with worker.send_lock:
@@ -289,8 +299,12 @@ class ProcessBackend:
                     if reply[0] == "chunk":
                         ready[reply[2]] = reply[3]
                 yield ready.pop(expected)
+            finished = True
         finally:
             self._close(request_id)
+            if not finished:  # the caller stopped reading (hang-up, deadline) or a shard failed
+                for worker in workers:
+                    worker.cancelled.value = request_id  # spare the others the rest of it
 
     def forget_keys(self, key_id: str) -> None:
         for worker in self._workers:
