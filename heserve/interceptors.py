@@ -171,10 +171,12 @@ class _Call:
         code = code_of() if callable(code_of) else None
         if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
             return code.name
+        # The call ended early: the handler returned, or failed reading a stream the
+        # client had abandoned (grpc raises a bare RpcError); either way, not a server bug.
+        if not context.is_active():
+            return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
         if error is not None:
             return "UNKNOWN"
-        if not context.is_active():  # the handler saw the call end early and returned
-            return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
         return "OK"
 
     # --- behaviours -----------------------------------------------------------------
