@@ -36,6 +36,10 @@ from heserve_client._secret import SecretContext
 T = TypeVar("T")
 _KEY_CHUNK_BYTES = 1 << 20
 _CHANNEL_MESSAGE_BYTES = 16 << 20
+# gRPC waits longer after each failed connection attempt, by default up to two minutes,
+# and fails calls at once meanwhile: a client used through a server restart would stay
+# unavailable long after the server came back. A few seconds' cap keeps that short.
+_MAX_RECONNECT_BACKOFF_MS = 2000
 _MAX_PEM_BYTES = 1 << 20
 
 # A PEM file's path, or its contents.
@@ -208,6 +212,7 @@ class Client:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
         ]
         if self._credentials is None:
             return grpc.insecure_channel(self._target, options=options)
