@@ -1,0 +1,467 @@
+"""Every field of every request, fuzzed (hypothesis) against a live server on loopback.
+
+Each call carries a deadline; for every example: the call returns within it (no hang),
+its status is one the API documents (OK, INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED, FAILED_PRECONDITION; UNAUTHENTICATED and PERMISSION_DENIED only
+where tokens are on), never UNKNOWN or INTERNAL, and the server still answers
+GetServerInfo afterwards (no crash). Requests are well-formed protobuf with hostile
+values: bytes that are not protobuf at all are gRPC's to refuse (INTERNAL,
+"Exception deserializing request!") before heserve sees them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from heserve import seal_io
+from heserve.auth import Authenticator, owner_tag
+from heserve.catalog import Catalog, unit_rows
+from heserve.packing import query_slots
+from heserve.params import DEFAULT_PARAMETERS
+from heserve.scoring import KeyRetention, Limits, Scorer
+from heserve.server import RunningServer, start_server
+from heserve.v1 import scoring_pb2 as pb
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+from heserve_client import SecretContext
+
+T = TypeVar("T")
+DEADLINE = 10.0
+SLOTS = DEFAULT_PARAMETERS.slot_count
+SEAL_HEADER = struct.Struct("<HBBBBHQ")
+MAX_ITEM_IDS = 64
+MAX_PAGE_SIZE = 100
+DOCUMENTED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+WITH_TOKENS = DOCUMENTED | {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+ALICE, BOB = "alice-" + "a" * 24, "bob-" + "b" * 24
+
+FUZZ = settings(
+    # 300 each keeps the file to ~20 s; HESERVE_FUZZ_EXAMPLES=5000 digs deeper.
+    max_examples=int(os.environ.get("HESERVE_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+
+
+# --- the live servers and what a real client would send ----------------------------------
+
+
+class Live:
+    """A running server, a channel to it, and real keys, queries and ids to mutate."""
+
+    def __init__(self, server: RunningServer, scorer: Scorer, token: str | None = None) -> None:
+        self.server = server
+        self.scorer = scorer
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        self.stub = pb_grpc.ScoringServiceStub(self.channel)
+        self.metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+        self.party = party = SecretContext(DEFAULT_PARAMETERS)
+        # step 0 (conjugation) too, so real-slot (complex_scores false) scores work as well
+        compressed = party.galois_keys([0, *scorer.galois_steps])
+        self.keys = seal_io.galois_keys_to_wire(compressed)  # uncompressed, mutable by layout
+        self.keys_compressed = compressed
+        self.key_id = str(
+            self.stub.RegisterKeys(
+                chunks(self.keys), timeout=DEADLINE, metadata=self.metadata
+            ).key_id
+        )
+        tiny = scorer.catalogs["tiny"].catalog
+        self.ids = list(tiny.ids)
+        self.version = tiny.version
+        vector = unit_rows(1, tiny.dimension, seed=81)[0]
+        self.expected = tiny.embeddings @ vector
+        self.query = party.encrypt(query_slots(vector, tiny.dimension, SLOTS))
+        self.query_wire = seal_io.ciphertext_to_wire(self.query)
+
+    def ensure_keys(self) -> None:
+        """Register the reference keys again, in case an example deleted or evicted them."""
+        self.stub.RegisterKeys(chunks(self.keys), timeout=DEADLINE, metadata=self.metadata)
+
+    def alive(self) -> None:
+        request = pb.GetServerInfoRequest()
+        info = self.stub.GetServerInfo(request, timeout=DEADLINE, metadata=self.metadata)
+        assert info.ckks.poly_modulus_degree == DEFAULT_PARAMETERS.poly_modulus_degree
+
+
+def _scorer() -> Scorer:
+    catalogs = [
+        Catalog("tiny", unit_rows(300, 16, 82), tuple(f"tiny-{i}" for i in range(300))),
+        Catalog("pair", unit_rows(2, 3, 83), ("left", "right")),
+    ]
+    return Scorer(
+        DEFAULT_PARAMETERS,
+        catalogs,
+        limits=Limits(max_item_ids=MAX_ITEM_IDS, max_page_size=MAX_PAGE_SIZE),
+        retention=KeyRetention(max_keys=16),
+    )
+
+
+@pytest.fixture(scope="session")
+def live() -> Iterator[Live]:
+    scorer = _scorer()
+    server = start_server(scorer, "127.0.0.1", 0)
+    state = Live(server, scorer)
+    yield state
+    state.channel.close()
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def guarded() -> Iterator[Live]:
+    """The same, with API tokens: alice's and bob's key_ids are their own."""
+    scorer = _scorer()
+    server = start_server(
+        scorer, "127.0.0.1", 0, authenticator=Authenticator([("alice", ALICE), ("bob", BOB)])
+    )
+    state = Live(server, scorer, token=ALICE)
+    yield state
+    state.channel.close()
+    server.stop(grace=None)
+
+
+def chunks(blob: bytes, size: int = 1 << 20) -> Iterator[pb.RegisterKeysRequest]:
+    for start in range(0, len(blob), size):
+        yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + size])
+
+
+def outcome(
+    call: Callable[[], T], allowed: set[grpc.StatusCode]
+) -> tuple[grpc.StatusCode, T | None]:
+    """Make the call; check it ended in time with a documented status."""
+    started = time.monotonic()
+    try:
+        result: T | None = call()
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        assert isinstance(error, grpc.Call)
+        code, result = error.code(), None
+        detail = error.details()
+    else:
+        detail = ""
+    elapsed = time.monotonic() - started
+    assert elapsed < DEADLINE + 2, f"the call took {elapsed:.1f} s"
+    assert code in allowed, (code, detail)
+    event(code.name)  # --hypothesis-show-statistics counts the statuses seen
+    return code, result
+
+
+# --- value strategies --------------------------------------------------------------------
+
+texts = st.text(max_size=60)
+page_tokens = st.one_of(
+    texts,
+    st.integers(-(10**30), 10**30).map(str),
+    st.sampled_from(["", "0", "1", "2", "-1", "299", "300", "301", " 7 ", "1_0", "0x10", "1e3"]),
+    st.sampled_from(["٣", "𝟗", "+5", "9" * 5000, "\x00", "%s", "{}"]),
+)
+page_sizes = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, MAX_PAGE_SIZE, MAX_PAGE_SIZE + 1])
+catalog_names = (
+    st.sampled_from(["tiny", "pair", "", "TINY", "tiny ", "tiny\x00", "../tiny"]) | texts
+)
+hex_ids = st.binary(min_size=16, max_size=16).map(bytes.hex)
+
+
+@st.composite
+def seal_headed(draw: st.DrawFn) -> bytes:
+    """Random bytes under a SEAL header that is plausible in every field but one or two."""
+    payload = draw(st.binary(max_size=512))
+    size = SEAL_HEADER.size + len(payload)
+    header = SEAL_HEADER.pack(
+        draw(st.sampled_from([0xA15E, 0xA15E, 0xA15E, 0x5EA1, 0])),
+        draw(st.sampled_from([16, 16, 16, 0, 255])),
+        draw(st.sampled_from([4, 4, 4, 3, 5])),
+        draw(st.sampled_from([1, 3, 1, 3, 0, 2, 255])),
+        draw(st.sampled_from([0, 1, 2, 0, 1, 2, 3, 255])),
+        draw(st.sampled_from([0, 0, 0, 1])),
+        draw(st.sampled_from([size, size, size, 0, size - 1, size + 1, 2**64 - 1])),
+    )
+    return header + payload
+
+
+# Keys and queries are too large to print in a failure report, so the strategies for
+# them draw a recipe, (what, source, details), and `cook` makes the bytes from it.
+Recipe = tuple[str, str, Any]
+
+
+def recipes(sources: list[str], sizes: dict[str, int]) -> st.SearchStrategy[Recipe]:
+    """Cut, mutated or intact real objects (`sources` name them in a Live)."""
+
+    @st.composite
+    def cut(draw: st.DrawFn) -> Recipe:
+        source = draw(st.sampled_from(sources))
+        return ("cut", source, (draw(st.integers(0, sizes[source] - 1)), draw(st.booleans())))
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> Recipe:
+        source = draw(st.sampled_from(sources))
+        at = st.integers(0, sizes[source] - 1)
+        return (
+            "flip",
+            source,
+            draw(st.lists(st.tuples(at, st.integers(1, 255)), min_size=1, max_size=4)),
+        )
+
+    @st.composite
+    def split(draw: st.DrawFn) -> Recipe:
+        source = draw(st.sampled_from(sources))
+        return ("split", source, sorted(draw(st.lists(st.integers(0, sizes[source]), max_size=6))))
+
+    intact = st.sampled_from(sources).map(lambda source: ("intact", source, None))
+    return st.one_of(cut(), mutated(), split(), intact)
+
+
+def cook(live: Live, recipe: Recipe) -> list[bytes]:
+    """The bytes a recipe names, as chunks (one unless it was split)."""
+    what, source, details = recipe
+    if what == "raw":
+        return [details]
+    blob: bytes = getattr(live, source)
+    if what == "cut":
+        length, patch = details
+        cut = bytearray(blob[:length])
+        if patch and len(cut) >= SEAL_HEADER.size:
+            struct.pack_into("<Q", cut, 8, len(cut))  # the header's size made to match
+        return [bytes(cut)]
+    if what == "flip":
+        changed = bytearray(blob)
+        for at, xor in details:
+            changed[at] ^= xor
+        return [bytes(changed)]
+    if what == "split":
+        edges = [0, *details, len(blob)]
+        return [blob[a:b] for a, b in itertools.pairwise(edges)]
+    return [blob]
+
+
+def queries(live: Live) -> st.SearchStrategy[Recipe]:
+    sizes = {"query": len(live.query), "query_wire": len(live.query_wire)}
+    return st.one_of(
+        st.binary(max_size=512).map(lambda blob: ("raw", "", blob)),
+        seal_headed().map(lambda blob: ("raw", "", blob)),
+        recipes(list(sizes), sizes),
+    )
+
+
+def item_id_lists(live: Live) -> st.SearchStrategy[list[str]]:
+    real = st.sampled_from(live.ids)
+    return st.one_of(
+        st.lists(real, max_size=10, unique=True),
+        st.lists(real, min_size=2, max_size=10),  # repeats likely
+        st.lists(real | texts, max_size=10),
+        st.lists(real, min_size=MAX_ITEM_IDS - 2, max_size=MAX_ITEM_IDS + 3),
+        st.just(["tiny-0", "tiny-0"]),
+        st.just(["left", "right"]),
+    )
+
+
+def mostly(data: st.DataObject, valid: T, hostile: st.SearchStrategy[T], label: str) -> T:
+    """`valid` two times in three, else a hostile value: so that, with several fields
+    fuzzed at once, examples still get past the first check to the later ones."""
+    if data.draw(st.sampled_from([False, False, True]), label=f"{label} is hostile"):
+        return data.draw(hostile, label=label)
+    return valid
+
+
+# --- one test per RPC --------------------------------------------------------------------
+
+
+@FUZZ
+@given(unknown=st.lists(st.tuples(st.integers(1, 2**29 - 1), st.binary(max_size=64)), max_size=4))
+def test_get_server_info_ignores_unknown_fields(
+    live: Live, unknown: list[tuple[int, bytes]]
+) -> None:
+    # GetServerInfoRequest has no fields: anything sent is an unknown (future) field.
+    message = b"".join(
+        _varint(number << 3 | 2) + _varint(len(value)) + value for number, value in unknown
+    )
+    raw = live.channel.unary_unary(
+        "/heserve.v1.ScoringService/GetServerInfo",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.GetServerInfoResponse.FromString,
+    )
+    _, info = outcome(lambda: raw(message, timeout=DEADLINE), {grpc.StatusCode.OK})
+    assert info is not None and info.ckks.slot_count == SLOTS
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@FUZZ
+@given(page_size=page_sizes, page_token=page_tokens)
+def test_list_catalogs(live: Live, page_size: int, page_token: str) -> None:
+    request = pb.ListCatalogsRequest(page_size=page_size, page_token=page_token)
+    _, page = outcome(lambda: live.stub.ListCatalogs(request, timeout=DEADLINE), DOCUMENTED)
+    if page is not None:
+        assert len(page.catalogs) <= max(1, min(page_size or 1000, MAX_PAGE_SIZE))
+        assert {c.name for c in page.catalogs} <= {"tiny", "pair"}
+    live.alive()
+
+
+@FUZZ
+@given(data=st.data(), page_size=page_sizes, page_token=page_tokens)
+def test_list_items(live: Live, data: st.DataObject, page_size: int, page_token: str) -> None:
+    catalog = mostly(data, "tiny", catalog_names, "catalog")
+    request = pb.ListItemsRequest(catalog=catalog, page_size=page_size, page_token=page_token)
+    _, page = outcome(lambda: live.stub.ListItems(request, timeout=DEADLINE), DOCUMENTED)
+    if page is not None:
+        assert catalog in {"tiny", "pair"}
+        assert len(page.item_ids) <= MAX_PAGE_SIZE
+        ids = live.ids if catalog == "tiny" else ["left", "right"]
+        start = ids.index(page.item_ids[0]) if page.item_ids else 0
+        assert list(page.item_ids) == ids[start : start + len(page.item_ids)]
+    live.alive()
+
+
+@FUZZ
+@given(data=st.data())
+def test_register_keys(live: Live, data: st.DataObject) -> None:
+    sizes = {"keys": len(live.keys), "keys_compressed": len(live.keys_compressed)}
+    kind = data.draw(st.sampled_from(["random", "headed", "real", "oversized"]), label="kind")
+    if kind == "random":
+        keys = data.draw(st.lists(st.binary(max_size=2048), max_size=5), label="chunks")
+    elif kind == "headed":
+        keys = data.draw(st.lists(seal_headed(), min_size=1, max_size=2), label="chunks")
+    elif kind == "real":
+        keys = cook(live, data.draw(recipes(list(sizes), sizes), label="keys"))
+    else:
+        keys = [b"\0" * ((1 << 20) + 1)]
+    requests = [pb.RegisterKeysRequest(galois_keys_chunk=chunk) for chunk in keys]
+    _, reply = outcome(lambda: live.stub.RegisterKeys(iter(requests), timeout=DEADLINE), DOCUMENTED)
+    if b"".join(keys) == live.keys and max(map(len, keys)) <= 1 << 20:
+        # however the same bytes were cut, they are the same keys
+        assert reply is not None and reply.key_id == live.key_id
+    live.alive()
+
+
+@FUZZ
+@given(key_id=st.one_of(texts, hex_ids, st.just("")), real=st.booleans())
+def test_delete_keys(live: Live, key_id: str, real: bool) -> None:
+    if real:
+        key_id = live.key_id + key_id  # the real one, or the real one with a suffix
+    request = pb.DeleteKeysRequest(key_id=key_id)
+    _, reply = outcome(lambda: live.stub.DeleteKeys(request, timeout=DEADLINE), DOCUMENTED)
+    if reply is not None and reply.deleted:
+        assert key_id == live.key_id
+        live.ensure_keys()
+    live.alive()
+
+
+@FUZZ
+@given(data=st.data())
+def test_score(live: Live, data: st.DataObject) -> None:
+    live.ensure_keys()
+    request = pb.ScoreRequest(
+        key_id=mostly(data, live.key_id, texts | hex_ids, "key_id"),
+        catalog=mostly(data, "tiny", catalog_names, "catalog"),
+        query=b"".join(cook(live, mostly(data, ("intact", "query", None), queries(live), "query"))),
+        item_ids=mostly(data, [], item_id_lists(live), "item_ids"),
+        catalog_version=mostly(data, "", st.just(live.version) | texts, "catalog_version"),
+        complex_scores=data.draw(st.booleans(), label="complex_scores"),
+    )
+    _, replies = outcome(lambda: list(live.stub.Score(request, timeout=DEADLINE)), DOCUMENTED)
+    if replies is not None:
+        expected = len(request.item_ids) or {"tiny": 300, "pair": 2}[request.catalog]
+        assert sum(reply.count for reply in replies) == expected
+        assert [reply.chunk_index for reply in replies] == list(range(len(replies)))
+    live.alive()
+
+
+# --- with tokens: the caller's metadata and key ownership, fuzzed too ----------------------
+
+headers = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+
+
+@FUZZ
+@given(data=st.data())
+def test_calls_with_tokens(guarded: Live, data: st.DataObject) -> None:
+    authorization: str | None = mostly(
+        data,
+        f"Bearer {ALICE}",
+        st.one_of(
+            st.none(),
+            headers,
+            st.sampled_from([f"Bearer {BOB}", f"bearer  {ALICE} ", ALICE, f"Bearer {ALICE}x"]),
+            headers.map(lambda token: f"Bearer {token}"),
+        ),
+        "authorization",
+    )
+    metadata = () if authorization is None else (("authorization", authorization),)
+    guarded.ensure_keys()
+    key_id = mostly(
+        data,
+        guarded.key_id,
+        st.sampled_from([guarded.key_id[:-1], guarded.key_id[:32], ""])
+        | texts.map(lambda text: text + guarded.key_id[32:])  # alice's tag, not her key
+        | texts,
+        "key_id",
+    )
+    method = data.draw(st.sampled_from(["Score", "DeleteKeys", "ListItems", "RegisterKeys"]))
+    call: Callable[[], Any]
+    if method == "Score":
+        request = pb.ScoreRequest(
+            key_id=key_id, catalog="tiny", query=guarded.query, complex_scores=True
+        )
+        call = lambda: list(guarded.stub.Score(request, timeout=DEADLINE, metadata=metadata))  # noqa: E731
+    elif method == "DeleteKeys":
+        delete = pb.DeleteKeysRequest(key_id=key_id)
+        call = lambda: guarded.stub.DeleteKeys(delete, timeout=DEADLINE, metadata=metadata)  # noqa: E731
+    elif method == "ListItems":
+        items = pb.ListItemsRequest(catalog="pair")
+        call = lambda: guarded.stub.ListItems(items, timeout=DEADLINE, metadata=metadata)  # noqa: E731
+    else:
+        sizes = {"keys": len(guarded.keys)}
+        blob = b"".join(cook(guarded, data.draw(recipes(["keys"], sizes), label="keys")))
+        call = lambda: guarded.stub.RegisterKeys(  # noqa: E731
+            chunks(blob), timeout=DEADLINE, metadata=metadata
+        )
+    code, _ = outcome(call, WITH_TOKENS)
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    caller = {ALICE: "alice", BOB: "bob"}.get(token.strip()) if scheme.lower() == "bearer" else None
+    if caller is None:
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    elif method == "DeleteKeys" and not key_id:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # "key_id is empty", checked first
+    elif method in {"Score", "DeleteKeys"} and not key_id.endswith(owner_tag(caller)):
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    else:
+        assert code not in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+    guarded.alive()
+
+
+def test_the_fuzzed_servers_still_score_correctly(live: Live, guarded: Live) -> None:
+    for state in (live, guarded):
+        state.ensure_keys()
+        request = pb.ScoreRequest(
+            key_id=state.key_id, catalog="tiny", query=state.query, complex_scores=True
+        )
+        (reply,) = state.stub.Score(request, timeout=DEADLINE, metadata=state.metadata)
+        scores = state.party.decrypt_complex(reply.scores, 1 << 24).real[: reply.count]
+        assert reply.count == 300
+        assert np.abs(scores - state.expected).max() < 1e-4
