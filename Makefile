@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	npx -y @bufbuild/buf lint
+	npx -y @bufbuild/buf breaking --against $$(ls -v proto/releases/heserve-v1-*.binpb | tail -n 1)
 
 stubs: $(STAMP)
 	$(BIN)/python scripts/gen_stubs.py
