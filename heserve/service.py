@@ -185,6 +185,11 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             if received > limits.max_key_bytes:
                 raise ResourceExhaustedError(f"key upload exceeds {limits.max_key_bytes} bytes")
             parts.append(chunk)
+        if not context.is_active():
+            # The caller hung up: its stream may look complete but is not. Parse
+            # and store nothing; the answer goes nowhere.
+            log.info("RegisterKeys: the caller hung up after %d bytes; nothing stored", received)
+            return pb.RegisterKeysResponse()
         if not received:
             raise InvalidArgumentError("no key bytes were sent")
         key_id = self._scorer.register_keys(b"".join(parts), current_caller().owner_tag)

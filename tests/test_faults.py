@@ -167,14 +167,19 @@ def test_a_client_hanging_up_mid_upload_registers_nothing_and_frees_its_handler(
         assert _threads_in("RegisterKeys") == 1  # a server thread waits for the next chunk
 
         assert call.cancel()
-        release.set()
-
+        # Release the generator only once the server has seen the hang-up: ended
+        # earlier, it could half-close the stream first, and the server would then
+        # rightly see a complete (truncated) upload.
         _wait_for(lambda: _threads_in("RegisterKeys") == 0)
+        release.set()
         _wait_for(lambda: bool(_access_codes(caplog, "RegisterKeys")))
     assert len(scorer.keys) == 0 and scorer.keys.bytes_held == 0
-    # A hang-up is the client's doing: CANCELLED, not an UNKNOWN (server-bug) error.
-    assert _access_codes(caplog, "RegisterKeys") == ["CANCELLED"]
-    assert _errors(server, "RegisterKeys", "CANCELLED") == 1
+    # A hang-up is the client's doing: CANCELLED, never an UNKNOWN (server-bug) error.
+    # gRPC Python may hand the handler the cancel as a plain end of stream before the
+    # call turns inactive; the server then sees a truncated upload and refuses it.
+    (code,) = _access_codes(caplog, "RegisterKeys")
+    assert code in {"CANCELLED", "INVALID_ARGUMENT"}
+    assert _errors(server, "RegisterKeys", code) == 1
     assert _errors(server, "RegisterKeys", "UNKNOWN") == 0
     assert server.metrics.registry.get_sample_value("heserve_requests_in_flight") == 0
 
