@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,10 @@ class RayBackend:
         address: str | None = None,
         shards: int | None = None,
         memory_budget: int | None = None,
+        restart_timeout: float = 300.0,
     ) -> None:
+        self.restart_timeout = restart_timeout
+        self._failed = False  # a shard failed: wait for Ray's restart before the next query
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         self.params = params
@@ -150,6 +154,8 @@ class RayBackend:
         query: Sealed[seal.Ciphertext],
     ) -> Iterator[bytes]:
         catalog = self._catalogs[name]
+        if self._failed:
+            self._wait_for_actors()
         key_ref = self._key_refs.get(key_id)
         if key_ref is None:
             key_ref = self._key_refs[key_id] = ray.put(keys.blob)
@@ -163,10 +169,25 @@ class RayBackend:
             for index in range(catalog.total):
                 yield ray.get(next(streams[index % self.shard_count]))
         except _ACTOR_FAILURES as exc:
+            self._failed = True
             raise ShardUnavailableError(f"a Ray shard failed during the query: {exc}") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
             raise ScoringError(str(cause)) from None
+
+    def _wait_for_actors(self) -> None:
+        """Until every actor answers: Ray refuses tasks while it restarts one."""
+        deadline = time.monotonic() + self.restart_timeout
+        while True:
+            try:
+                ray.get([actor.pid.remote() for actor in self._actors], timeout=10)
+            except (*_ACTOR_FAILURES, ray.exceptions.GetTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise ShardUnavailableError(f"a Ray shard did not come back: {exc}") from None
+                time.sleep(0.1)
+                continue
+            self._failed = False
+            return
 
     def forget_keys(self, key_id: str) -> None:
         if self._key_refs.pop(key_id, None) is not None:
