@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
@@ -11,7 +12,8 @@ from heserve.catalog import Catalog, unit_rows
 from heserve.params import DEFAULT_PARAMETERS
 from heserve.scoring import KeyRetention, Scorer
 from heserve.server import RunningServer, start_server
-from heserve_client import Client
+from heserve.v1 import scoring_pb2_grpc as pb_grpc
+from heserve_client import Client, SecretContext
 
 # Several thousand items, more than the 4,096 slots (two real-slot responses, or one
 # complex-slot response whose imaginary parts hold the items past 4,096), and a
@@ -57,6 +59,19 @@ def target(server: RunningServer) -> str:
 def client(target: str) -> Iterator[Client]:
     with Client(target) as session_client:
         yield session_client
+
+
+@pytest.fixture(scope="module")
+def stub(target: str) -> Iterator[pb_grpc.ScoringServiceStub]:
+    """A raw stub of the session server, for requests the client library would not send."""
+    with grpc.insecure_channel(target) as channel:
+        yield pb_grpc.ScoringServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def secret() -> SecretContext:
+    """A key pair under the default parameters, made once per module."""
+    return SecretContext(DEFAULT_PARAMETERS)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import make_catalog
 
 from heserve import seal_io, service
 from heserve.catalog import Catalog, unit_rows
@@ -44,21 +45,15 @@ CIPHERTEXT_FIELDS = 32 + 1 + 5 * 8  # parms_id, is_ntt_form, size, N, primes, sc
 OUTAGE_SECONDS = 9.0
 
 
-def _catalog(name: str, items: int, dimension: int, seed: int) -> Catalog:
-    return Catalog(
-        name, unit_rows(items, dimension, seed), tuple(f"{name}-{i}" for i in range(items))
-    )
-
-
 @pytest.fixture(scope="module")
 def shop() -> Catalog:
-    return _catalog("shop", 600, 16, seed=61)
+    return make_catalog("shop", 600, 16, seed=61)
 
 
 @pytest.fixture(scope="module")
 def wide() -> Catalog:
     """Five output ciphertexts' worth of items."""
-    return _catalog("wide", 4 * CHUNK_ITEMS + 100, 8, seed=62)
+    return make_catalog("wide", 4 * CHUNK_ITEMS + 100, 8, seed=62)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +245,7 @@ POOL_CHUNKS, POOL_DIMENSION = 16, 64
 @pytest.fixture(scope="module")
 def pool_catalog() -> Catalog:
     """16 chunks: each of two workers holds eight, tens of milliseconds of work each."""
-    return _catalog("pool", POOL_CHUNKS * CHUNK_ITEMS, POOL_DIMENSION, seed=64)
+    return make_catalog("pool", POOL_CHUNKS * CHUNK_ITEMS, POOL_DIMENSION, seed=64)
 
 
 @pytest.fixture(scope="module")

@@ -112,17 +112,6 @@ def max_error(scores: FloatArray, catalog: Catalog, vector: FloatArray) -> float
     return float(np.abs(scores - catalog.embeddings @ vector).max())
 
 
-@pytest.fixture(scope="module")
-def stub(target: str) -> Iterator[pb_grpc.ScoringServiceStub]:
-    with grpc.insecure_channel(target) as channel:
-        yield pb_grpc.ScoringServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def secret() -> SecretContext:
-    return SecretContext(DEFAULT_PARAMETERS)
-
-
 @pytest.fixture
 def films_user(films: Catalog) -> FloatArray:
     vector: FloatArray = unit_rows(1, films.dimension, seed=11)[0]

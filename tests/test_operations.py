@@ -23,6 +23,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import pytest
+from conftest import make_catalog
 from prometheus_client.parser import text_string_to_metric_families
 
 from heserve import config
@@ -44,21 +45,15 @@ TIMEOUT = 60.0
 SLOTS = DEFAULT_PARAMETERS.slot_count
 
 
-def _catalog(name: str, items: int, dimension: int, seed: int) -> Catalog:
-    return Catalog(
-        name, unit_rows(items, dimension, seed), tuple(f"{name}-{i}" for i in range(items))
-    )
-
-
 @pytest.fixture(scope="module")
 def shop() -> Catalog:
-    return _catalog("shop", 600, 16, seed=51)
+    return make_catalog("shop", 600, 16, seed=51)
 
 
 @pytest.fixture(scope="module")
 def wide() -> Catalog:
     """Three output ciphertexts' worth of items (2S per chunk): five with real scores."""
-    return _catalog("wide", 4 * SLOTS + 100, 8, seed=52)
+    return make_catalog("wide", 4 * SLOTS + 100, 8, seed=52)
 
 
 @pytest.fixture

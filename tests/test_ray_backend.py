@@ -72,11 +72,6 @@ def scorer(backend: RayBackend, catalog: Catalog) -> Scorer:
     return Scorer(DEFAULT_PARAMETERS, [catalog], backend=backend)
 
 
-@pytest.fixture(scope="module")
-def secret() -> SecretContext:
-    return SecretContext(DEFAULT_PARAMETERS)
-
-
 def _query(secret: SecretContext, vector: np.ndarray) -> bytes:
     return secret.encrypt(query_slots(vector, DIMENSION, SLOTS))
 

@@ -161,12 +161,6 @@ def seal_bomb(inflated_size: int, mode: int, template: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def stub(target: str) -> Iterator[pb_grpc.ScoringServiceStub]:
-    with grpc.insecure_channel(target) as channel:
-        yield pb_grpc.ScoringServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
 def info(stub: pb_grpc.ScoringServiceStub) -> pb.GetServerInfoResponse:
     reply: pb.GetServerInfoResponse = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT)
     return reply

@@ -42,17 +42,6 @@ def padded(dimension: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def stub(target: str) -> Iterator[pb_grpc.ScoringServiceStub]:
-    with grpc.insecure_channel(target) as channel:
-        yield pb_grpc.ScoringServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def secret() -> SecretContext:
-    return SecretContext(DEFAULT_PARAMETERS)
-
-
-@pytest.fixture(scope="module")
 def key_id(stub: pb_grpc.ScoringServiceStub, secret: SecretContext) -> Iterator[str]:
     steps = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT).ckks.galois_steps
     blob = secret.galois_keys(list(steps))

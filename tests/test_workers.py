@@ -37,11 +37,6 @@ def pooled(catalog: Catalog) -> Iterator[Scorer]:
     backend.close()
 
 
-@pytest.fixture(scope="module")
-def secret() -> SecretContext:
-    return SecretContext(DEFAULT_PARAMETERS)
-
-
 def _scores(
     scorer: Scorer,
     secret: SecretContext,
