@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,7 +39,7 @@ import numpy as np
 
 from bench.methods import CATALOG, CATALOG_SEED, QUERY_SEED, item_ids, unit_vectors
 from bench.report import _table
-from bench.results import git_commit, machine_info
+from bench.results import save_run
 from heserve.params import DEFAULT_PRESET, PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,18 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     record = run(args)
     print()
     print(render(record))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-million-{record.preset}.json"
-    document = {
-        "kind": "million",
-        "created": datetime.now().isoformat(),
-        "commit": git_commit(ROOT),
-        "machine": machine_info(),
-        **asdict(record),
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nresults: {path}")
+    save_run(
+        args.out_dir,
+        "million",
+        asdict(record),
+        label=f"million-{record.preset}",
+    )
     return 0 if all(q.top10_overlap == TOP_K for q in record.queries) else 1
 
 

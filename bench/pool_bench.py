@@ -21,12 +21,10 @@ Prints a table and saves JSON under bench/results/ (`<stamp>-pool.json`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 from bench.methods import (
@@ -38,7 +36,7 @@ from bench.methods import (
     secret_context,
 )
 from bench.report import _table
-from bench.results import git_commit, machine_info
+from bench.results import save_run
 from heserve import seal_io
 from heserve.engine import EncodedChunk, ScoringEngine
 from heserve.packing import DiagonalPlan
@@ -159,27 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{load_after:.2f} after",
     ]
     print("\n".join(lines))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-pool.json"
-    document = {
-        "kind": "pool",
-        "created": datetime.now().isoformat(),
-        "commit": git_commit(ROOT),
-        "machine": machine_info(),
-        "items": workload.items,
-        "dimension": workload.dimension,
-        "preset": args.preset,
-        "samples": samples,
-        "errors": errors,
-        "speed_pool2_over_pool1": paired("engine-pool-2", "engine-pool-1"),
-        "speed_pool1_over_engine": paired("engine-pool-1", "engine"),
-        "predicted": {str(k): list(v) for k, v in predicted.items()},
-        "predicted_bound": bound,
-        "load_average": [load_before, load_after],
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nresults: {path}")
+    save_run(
+        args.out_dir,
+        "pool",
+        {
+            "items": workload.items,
+            "dimension": workload.dimension,
+            "preset": args.preset,
+            "samples": samples,
+            "errors": errors,
+            "speed_pool2_over_pool1": paired("engine-pool-2", "engine-pool-1"),
+            "speed_pool1_over_engine": paired("engine-pool-1", "engine"),
+            "predicted": {str(k): list(v) for k, v in predicted.items()},
+            "predicted_bound": bound,
+            "load_average": [load_before, load_after],
+        },
+    )
     return 0
 
 

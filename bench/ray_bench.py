@@ -35,7 +35,6 @@ Prints a table and saves JSON under bench/results/ (`<stamp>-ray.json`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -44,7 +43,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,7 +58,7 @@ from bench.methods import (
     unit_vectors,
 )
 from bench.report import _table
-from bench.results import git_commit, machine_info
+from bench.results import save_run
 from heserve.backend import ScoringBackend
 from heserve.catalog import Catalog
 from heserve.errors import UnavailableError
@@ -535,22 +533,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(render(records, workload.items, workload.dimension, args.preset))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-ray.json"
-    document = {
-        "kind": "ray",
-        "created": datetime.now().isoformat(),
-        "commit": git_commit(ROOT),
-        "machine": machine_info(),
-        "items": workload.items,
-        "dimension": workload.dimension,
-        "preset": args.preset,
-        "queries": args.queries,
-        "records": [asdict(record) for record in records],
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nresults: {path}")
+    save_run(
+        args.out_dir,
+        "ray",
+        {
+            "items": workload.items,
+            "dimension": workload.dimension,
+            "preset": args.preset,
+            "queries": args.queries,
+            "records": [asdict(record) for record in records],
+        },
+    )
     return 0
 
 

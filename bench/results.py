@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -239,3 +240,25 @@ def git_commit(cwd: Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return out.stdout.strip()
+
+
+def save_run(out_dir: str | Path, kind: str, body: dict[str, Any], label: str = "") -> Path:
+    """Write one script's results as `<stamp>-<label or kind>.json`, with the run's context.
+
+    Every document says what it is (`kind`), when, at which commit and on what
+    machine, then the script's own fields.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.now()
+    path = out / f"{now.strftime('%Y%m%d-%H%M%S')}-{label or kind}.json"
+    document = {
+        "kind": kind,
+        "created": now.isoformat(),
+        "commit": git_commit(Path(__file__).resolve().parents[1]),
+        "machine": machine_info(),
+        **body,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nresults: {path}")
+    return path
