@@ -28,10 +28,10 @@ from bench.methods import (
     item_ids,
 )
 from bench.results import LoadRecord, ServerSideRecord
-from heserve.catalog import Catalog
-from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
-from heserve.scoring import ScoredRun, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import Catalog
+from heserve.domain.scorer import ScoredRun, Scorer
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
+from heserve.transport.server import RunningServer, start_server
 from heserve_client import Client
 from heserve_client._secret import SecretContext
 

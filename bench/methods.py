@@ -28,13 +28,14 @@ import numpy.typing as npt
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.catalog import Catalog
-from heserve.engine import ScoringEngine
-from heserve.packing import DiagonalPlan, unpack_complex
-from heserve.params import DEFAULT_PARAMETERS, PRESETS, CkksParameters
-from heserve.scoring import CONJUGATION_STEP, ScoredRun, Scorer
-from heserve.workers import ProcessBackend
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog
+from heserve.domain.scorer import CONJUGATION_STEP, ScoredRun, Scorer
+from heserve.he.engine import ScoringEngine
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PARAMETERS, PRESETS, CkksParameters
+from heserve.protocol.slots import unpack_complex
 from heserve_client._secret import SecretContext
 
 FloatArray = npt.NDArray[np.float64]
@@ -80,7 +81,7 @@ class Workload:
 def unit_vectors(count: int, dimension: int, seed: int, block: int = 65_536) -> FloatArray:
     """Deterministic unit-norm rows, generated and normalised block by block in place.
 
-    Identical to `heserve.catalog.unit_rows(count, dimension, seed)` (one normal
+    Identical to `heserve.domain.catalog.unit_rows(count, dimension, seed)` (one normal
     stream, consumed in row order) without its temporaries, so a 1M × 512 catalog
     costs its own 4 GiB and no more. The first k rows do not depend on `count`.
     """
@@ -199,7 +200,7 @@ def decrypt_scores(
     per_chunk = 2 * slots
     parts = [
         unpack_complex(
-            secret.decrypt_complex(seal_io.to_bytes(ct), _MAX_BLOB_BYTES),
+            secret.decrypt_complex(wire.to_bytes(ct), _MAX_BLOB_BYTES),
             min(per_chunk, count - i * per_chunk),
         )
         for i, ct in enumerate(ciphertexts)
@@ -217,10 +218,10 @@ def engine_setup(workload: Workload, params: CkksParameters = PARAMS) -> Runner:
     plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count)
     chunks = engine.encode_catalog(plan, workload.catalog)
     secret = secret_context(params)
-    keys = seal_io.load_galois_keys(
+    keys = wire.load_galois_keys(
         engine.context, secret.galois_keys(plan.rotation_steps), _MAX_BLOB_BYTES
     )
-    query = seal_io.load_ciphertext(
+    query = wire.load_ciphertext(
         engine.context, secret.encrypt(plan.query_slots(workload.query)), _MAX_BLOB_BYTES
     )
     expected = workload.expected()

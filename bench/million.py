@@ -40,7 +40,7 @@ import numpy as np
 from bench.methods import CATALOG, CATALOG_SEED, QUERY_SEED, item_ids, unit_vectors
 from bench.report import _table
 from bench.results import save_run
-from heserve.params import DEFAULT_PRESET, PRESETS
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -52,10 +52,10 @@ TOP_K = 10
 
 def serve(preset: str, workers: int, items: int, dimension: int) -> int:
     """The server side: encode, listen on a free port, report it, serve until stdin closes."""
-    from heserve.catalog import Catalog
-    from heserve.scoring import Scorer
-    from heserve.server import start_server
-    from heserve.workers import ProcessBackend
+    from heserve.backends.pool import ProcessBackend
+    from heserve.domain.catalog import Catalog
+    from heserve.domain.scorer import Scorer
+    from heserve.transport.server import start_server
 
     params = PRESETS[preset]
     started = time.perf_counter()

@@ -37,10 +37,10 @@ from bench.methods import (
 )
 from bench.report import _table
 from bench.results import save_run
-from heserve import seal_io
-from heserve.engine import EncodedChunk, ScoringEngine
-from heserve.packing import DiagonalPlan
-from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
+from heserve.he.engine import EncodedChunk, ScoringEngine
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -58,10 +58,10 @@ def split_seconds(
     rows = workload.catalog[: min(workload.items, per_shard)]
     chunks = engine.encode_catalog(plan, rows)
     secret = secret_context(params)
-    keys = seal_io.load_galois_keys(
+    keys = wire.load_galois_keys(
         engine.context, secret.galois_keys(plan.rotation_steps), _MAX_BLOB_BYTES
     )
-    query = seal_io.load_ciphertext(
+    query = wire.load_ciphertext(
         engine.context, secret.encrypt(plan.query_slots(workload.query)), _MAX_BLOB_BYTES
     )
     babies, scoring = [], []

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from heserve import seal_io
-from heserve.catalog import unit_rows
-from heserve.engine import ScoringEngine
-from heserve.packing import DiagonalPlan, query_slots, unpack_complex
-from heserve.params import DEFAULT_PRESET, PRESETS
-from heserve.protection import NoiseAdder, ScoreProtection
+from heserve.domain.catalog import unit_rows
+from heserve.domain.protection import NoiseAdder, ScoreProtection
+from heserve.he.engine import ScoringEngine
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS
+from heserve.protocol.slots import query_slots, unpack_complex
 from heserve_client import SecretContext
 
 
@@ -53,18 +54,18 @@ def measure(
     add_noise = NoiseAdder(params, preset, protection or ScoreProtection())
     secret = SecretContext(params)
     key_blob = secret.galois_keys(plan.rotation_steps)
-    keys = seal_io.load_galois_keys(engine.context, key_blob, 1 << 30)
+    keys = wire.load_galois_keys(engine.context, key_blob, 1 << 30)
     errors: list[float] = []
     absolute: list[float] = []
     recalls: list[float] = []
     query_bytes = response_bytes = 0
     for vector in unit_rows(queries, dimension, seed + 1):
         blob = secret.encrypt(query_slots(vector, dimension, params.slot_count))
-        query = seal_io.load_ciphertext(engine.context, blob, 1 << 24)
+        query = wire.load_ciphertext(engine.context, blob, 1 << 24)
         responses = []
         for result in engine.score(plan, chunks, query, keys):
             add_noise.add_to(result)
-            responses.append(seal_io.ciphertext_to_wire(seal_io.to_bytes(result)))
+            responses.append(wire.ciphertext_to_wire(wire.to_bytes(result)))
         per_chunk = plan.items_per_chunk
         scores = np.concatenate(
             [

@@ -5,8 +5,8 @@
 
 One catalog (d = 128, 65,536 unit-norm rows by default) is served, twice:
 
-- `cluster` pass: `heserve.workers.ProcessBackend` with 2 worker processes
-  ("pool") beside `heserve.ray_backend.RayBackend` on a local
+- `cluster` pass: `heserve.backends.pool.ProcessBackend` with 2 worker processes
+  ("pool") beside `heserve.backends.ray_cluster.RayBackend` on a local
   `ray.cluster_utils.Cluster` of two nodes of 1 CPU each (two raylets and two
   object stores on loopback: keys and rows cross between nodes as on a real
   cluster);
@@ -59,13 +59,13 @@ from bench.methods import (
 )
 from bench.report import _table
 from bench.results import save_run
-from heserve.backend import ScoringBackend
-from heserve.catalog import Catalog
-from heserve.errors import UnavailableError
-from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
-from heserve.scoring import ScoredRun, Scorer
-from heserve.server import start_server
-from heserve.workers import ProcessBackend
+from heserve.backends.base import ScoringBackend
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog
+from heserve.domain.errors import UnavailableError
+from heserve.domain.scorer import ScoredRun, Scorer
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
+from heserve.transport.server import start_server
 from heserve_client import Client
 from heserve_client._secret import SecretContext
 
@@ -171,7 +171,7 @@ def kill_pool_worker(backend: ScoringBackend) -> None:
 def kill_ray_actor(backend: ScoringBackend) -> None:
     import ray
 
-    from heserve.ray_backend import RayBackend
+    from heserve.backends.ray_cluster import RayBackend
 
     assert isinstance(backend, RayBackend)
     ray.kill(backend._actors[1], no_restart=False)  # Ray restarts it
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench.ray_bench needs Ray: pip install 'heserve[ray]'", file=sys.stderr)
         return 2
-    from heserve.ray_backend import RayBackend
+    from heserve.backends.ray_cluster import RayBackend
 
     params = PRESETS[args.preset]
     workload = CatalogSource().workload(args.dimension, args.items)

@@ -10,7 +10,7 @@ from bench.methods import CatalogSource
 from bench.results import LoadRecord, to_extra_info
 from bench.tiers import LoadCase, Tier
 from bench.timed import median_seconds, pedantic
-from heserve.params import PRESETS
+from heserve.protocol.params import PRESETS
 
 MAX_ABS_ERROR = 1e-4  # default parameters; the service promises 1e-4
 APPLE_ITEMS, APPLE_DIMENSION = 4_096, 128

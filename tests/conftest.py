@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from heserve.catalog import Catalog, unit_rows
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import KeyRetention, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import KeyRetention, Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, SecretContext
 

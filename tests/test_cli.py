@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from heserve.catalog import demo_catalog, unit_rows
+from heserve.domain.catalog import demo_catalog, unit_rows
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -39,7 +39,7 @@ def _env() -> dict[str, str]:
 
 def heserve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "heserve.cli", *args],
+        [sys.executable, "-m", "heserve.ops.cli", *args],
         cwd=cwd,
         env=_env(),
         capture_output=True,
@@ -74,7 +74,7 @@ def serve(tmp_path: Path, servers: list[Served], *args: str) -> Served:
     """Start `heserve serve --port 0 ARGS` and read the address from its first line."""
     with (tmp_path / "serve.stderr").open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "heserve.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", "0", *args],
             cwd=tmp_path,
             env=_env(),
             stdout=subprocess.PIPE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from heserve.catalog import Catalog
+from heserve.domain.catalog import Catalog
 from heserve_client import Client
 
 

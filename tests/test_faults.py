@@ -24,15 +24,16 @@ import numpy as np
 import pytest
 from conftest import make_catalog
 
-from heserve import seal_io, service
-from heserve.catalog import Catalog, unit_rows
-from heserve.packing import query_slots
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Scorer
-from heserve.server import RunningServer, start_server
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import Scorer
+from heserve.protocol import wire as wire_format
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots
+from heserve.transport import servicer as service
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
-from heserve.workers import ProcessBackend
 from heserve_client import Client, SecretContext, ServerUnavailableError
 
 TIMEOUT = 60.0
@@ -98,7 +99,7 @@ def _assert_serves(target: str, catalog: Catalog) -> None:
 
 
 def _threads_in(function: str) -> int:
-    """Threads now running (or blocked) inside heserve.service's `function`."""
+    """Threads now running (or blocked) inside heserve.transport.servicer's `function`."""
     count = 0
     for top in sys._current_frames().values():
         frame: Any = top
@@ -571,7 +572,7 @@ def test_a_query_corrupted_in_its_coefficients_is_refused_or_scored_as_noise(
         _chunked(party.galois_keys(list(scorer.galois_steps))), timeout=TIMEOUT
     ).key_id
     vector = unit_rows(1, shop.dimension, seed=71)[0]
-    wire = seal_io.ciphertext_to_wire(_query(party, vector))  # uncompressed, seeded
+    wire = wire_format.ciphertext_to_wire(_query(party, vector))  # uncompressed, seeded
     start, end, _ = _data_range(wire, 0)
     assert end - start == 8 * DEFAULT_PARAMETERS.poly_modulus_degree * 2  # c0 over two primes
     middle = _middle(start, end)
@@ -598,7 +599,7 @@ def test_a_query_corrupted_in_its_coefficients_is_refused_or_scored_as_noise(
     assert np.abs(garbled - exact).max() > 1.0
 
     # The same corruption under compression: refused, or noise; never a server error.
-    compressed = seal_io.zstd_compressed(wire)
+    compressed = wire_format.zstd_compressed(wire)
     assert len(compressed) < len(wire)
     for fraction in (0.2, 0.5, 0.8):
         at = int(len(compressed) * fraction)
@@ -622,7 +623,7 @@ def test_keys_corrupted_in_their_coefficients_are_refused_or_stored_as_other_key
     party: SecretContext,
 ) -> None:
     server, scorer = shop_server
-    wire = seal_io.galois_keys_to_wire(party.galois_keys(list(scorer.galois_steps)))
+    wire = wire_format.galois_keys_to_wire(party.galois_keys(list(scorer.galois_steps)))
     ranges = _key_data_ranges(wire)
     assert len(ranges) >= len(scorer.galois_steps)
     start, end = ranges[len(ranges) // 2]  # the middle key's coefficients
@@ -637,7 +638,7 @@ def test_keys_corrupted_in_their_coefficients_are_refused_or_stored_as_other_key
     assert _register_code(stub, _flip(wire, middle, 2)) == grpc.StatusCode.OK
     assert len(scorer.keys) == held + 1
 
-    compressed = seal_io.zstd_compressed(wire)
+    compressed = wire_format.zstd_compressed(wire)
     for fraction in (0.2, 0.5, 0.8):
         at = int(len(compressed) * fraction)
         for xor in (0x01, 0x80, 0xFF):

@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from heserve import seal_io
-from heserve.auth import Authenticator, owner_tag
-from heserve.catalog import Catalog, unit_rows
-from heserve.packing import query_slots
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import KeyRetention, Limits, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import KeyRetention, Limits, Scorer
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots
+from heserve.transport.auth import Authenticator, owner_tag
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import SecretContext
@@ -79,7 +79,7 @@ class Live:
         self.party = party = SecretContext(DEFAULT_PARAMETERS)
         # step 0 (conjugation) too, so real-slot (complex_scores false) scores work as well
         compressed = party.galois_keys([0, *scorer.galois_steps])
-        self.keys = seal_io.galois_keys_to_wire(compressed)  # uncompressed, mutable by layout
+        self.keys = wire.galois_keys_to_wire(compressed)  # uncompressed, mutable by layout
         self.keys_compressed = compressed
         self.key_id = str(
             self.stub.RegisterKeys(
@@ -92,7 +92,7 @@ class Live:
         vector = unit_rows(1, tiny.dimension, seed=81)[0]
         self.expected = tiny.embeddings @ vector
         self.query = party.encrypt(query_slots(vector, tiny.dimension, SLOTS))
-        self.query_wire = seal_io.ciphertext_to_wire(self.query)
+        self.query_wire = wire.ciphertext_to_wire(self.query)
 
     def ensure_keys(self) -> None:
         """Register the reference keys again, in case an example deleted or evicted them."""

@@ -20,14 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from heserve.catalog import Catalog
-from heserve.packing import query_slots
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Scorer
-from heserve.server import start_server
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog
+from heserve.domain.scorer import Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots
+from heserve.transport.server import start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
-from heserve.workers import ProcessBackend
 from heserve_client._secret import SecretContext
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,13 +23,13 @@ import tenseal.sealapi as seal
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from heserve.catalog import Catalog, unit_rows
-from heserve.errors import KEY_NOT_FOUND
-from heserve.keystore import KeyStore, KeyTooLargeError
-from heserve.packing import query_slots, unpack_complex
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import KeyRetention, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.keystore import KeyStore, KeyTooLargeError
+from heserve.domain.scorer import KeyRetention, Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.reasons import KEY_NOT_FOUND
+from heserve.protocol.slots import query_slots, unpack_complex
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, ParameterMismatchError, SecretContext

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heserve.catalog import unit_rows
+from heserve.domain.catalog import unit_rows
 from heserve_client import Client
 
 CLIENTS = 4
@@ -79,7 +79,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, np.ndar
     log = (tmp_path / "serve.log").open("w")
     serve = ["serve", "--catalog", "small=small.npy", "--port", "0", "--workers", str(WORKERS)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "heserve.cli", *serve, "--log-level", "WARNING"],
+        [sys.executable, "-m", "heserve.ops.cli", *serve, "--log-level", "WARNING"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

@@ -26,17 +26,17 @@ import pytest
 from conftest import make_catalog
 from prometheus_client.parser import text_string_to_metric_families
 
-from heserve import config
-from heserve.auth import Authenticator
-from heserve.backend import ScoringBackend
-from heserve.catalog import Catalog, unit_rows
-from heserve.cli import build_parser
-from heserve.logs import JsonFormatter, KeyValueFormatter
-from heserve.packing import query_slots
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Limits, Scorer
-from heserve.server import RunningServer, start_server
-from heserve.service import ScoringServicer
+from heserve.backends.base import ScoringBackend
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import Limits, Scorer
+from heserve.ops import config
+from heserve.ops.cli import build_parser
+from heserve.ops.logs import JsonFormatter, KeyValueFormatter
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots
+from heserve.transport.auth import Authenticator
+from heserve.transport.server import RunningServer, start_server
+from heserve.transport.servicer import ScoringServicer
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, SecretContext, ServerUnavailableError
@@ -201,7 +201,9 @@ def test_request_ids_are_echoed_and_tag_every_log_line_of_the_call(
     assert access[registered]["method"] == "RegisterKeys"
 
     records = [json.loads(line) for line in json_lines.getvalue().splitlines()]
-    scoring = [r for r in records if r["logger"] == "heserve.scoring" and "registered" in r["msg"]]
+    scoring = [
+        r for r in records if r["logger"] == "heserve.domain.scorer" and "registered" in r["msg"]
+    ]
     assert [r["request_id"] for r in scoring] == [registered]  # not an access line: via the call
     refused_line = next(r for r in records if r.get("request_id") == "refused-7" and "code" in r)
     assert refused_line["level"] == "INFO" and refused_line["code"] == "NOT_FOUND"
@@ -506,7 +508,7 @@ def _env() -> dict[str, str]:
 
 def test_serve_help_documents_every_setting() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "heserve.cli", "serve", "--help"],
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--help"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -548,7 +550,16 @@ def test_heserve_serve_reads_flags_environment_and_config_file(tmp_path: Path) -
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "heserve.cli", "serve", "--port", "0", "--log-level", "INFO"],
+            [
+                sys.executable,
+                "-m",
+                "heserve.ops.cli",
+                "serve",
+                "--port",
+                "0",
+                "--log-level",
+                "INFO",
+            ],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from heserve.catalog import Catalog
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.protection import MEASURED_NOISE_STD, ScoreProtection
-from heserve.scoring import Scorer
-from heserve.server import start_server
+from heserve.domain.catalog import Catalog
+from heserve.domain.protection import MEASURED_NOISE_STD, ScoreProtection
+from heserve.domain.scorer import Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.transport.server import start_server
 from heserve_client import Client
 
 

@@ -11,13 +11,13 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray backend needs the heserve[ray] extra")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from heserve.catalog import Catalog, unit_rows  # noqa: E402
-from heserve.errors import UnavailableError  # noqa: E402
-from heserve.packing import query_slots  # noqa: E402
-from heserve.params import DEFAULT_PARAMETERS  # noqa: E402
-from heserve.ray_backend import RayBackend  # noqa: E402
-from heserve.scoring import ScoredRun, Scorer  # noqa: E402
-from heserve.server import start_server  # noqa: E402
+from heserve.backends.ray_cluster import RayBackend  # noqa: E402
+from heserve.domain.catalog import Catalog, unit_rows  # noqa: E402
+from heserve.domain.errors import UnavailableError  # noqa: E402
+from heserve.domain.scorer import ScoredRun, Scorer  # noqa: E402
+from heserve.protocol.params import DEFAULT_PARAMETERS  # noqa: E402
+from heserve.protocol.slots import query_slots  # noqa: E402
+from heserve.transport.server import start_server  # noqa: E402
 from heserve_client import Client, SecretContext  # noqa: E402
 
 SLOTS = DEFAULT_PARAMETERS.slot_count

@@ -24,13 +24,13 @@ import zstandard
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from heserve import seal_io
-from heserve.catalog import Catalog, unit_rows
-from heserve.errors import ERROR_DOMAIN, KEY_NOT_FOUND
-from heserve.packing import query_slots, unpack_complex
-from heserve.params import DEFAULT_PARAMETERS, CkksParameters
-from heserve.scoring import Limits, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import Limits, Scorer
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
+from heserve.protocol.reasons import ERROR_DOMAIN, KEY_NOT_FOUND
+from heserve.protocol.slots import query_slots, unpack_complex
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import (
@@ -66,8 +66,8 @@ class Party:
 
     def galois_keys(self, steps: list[int]) -> bytes:
         n = self.params.poly_modulus_degree
-        elements = sorted({seal_io.galois_element(step, n) for step in steps})
-        return seal_io.to_bytes(self.keygen.create_galois_keys(elements))
+        elements = sorted({wire.galois_element(step, n) for step in steps})
+        return wire.to_bytes(self.keygen.create_galois_keys(elements))
 
     def query(
         self,
@@ -82,21 +82,21 @@ class Party:
         self.encoder.encode(slots.tolist(), float(2**bits), plaintext)
         if not lower_level:
             # seeded symmetric encryption, as the client sends: half the size
-            return seal_io.to_bytes(self.encryptor.encrypt_symmetric(plaintext))
+            return wire.to_bytes(self.encryptor.encrypt_symmetric(plaintext))
         ciphertext = seal.Ciphertext()
         self.encryptor.encrypt_symmetric(plaintext, ciphertext)
         lowered = seal.Ciphertext()
         self.evaluator.mod_switch_to_next(ciphertext, lowered)
-        return seal_io.to_bytes(lowered)
+        return wire.to_bytes(lowered)
 
     def decrypt(self, blob: bytes) -> FloatArray:
-        ciphertext = seal_io.load_ciphertext(self.context, blob, 1 << 24)
+        ciphertext = wire.load_ciphertext(self.context, blob, 1 << 24)
         plaintext = seal.Plaintext()
         self.decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self.encoder.decode_double(plaintext), dtype=np.float64)
 
     def decrypt_complex(self, blob: bytes) -> npt.NDArray[np.complex128]:
-        ciphertext = seal_io.load_ciphertext(self.context, blob, 1 << 24)
+        ciphertext = wire.load_ciphertext(self.context, blob, 1 << 24)
         plaintext = seal.Plaintext()
         self.decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
@@ -217,7 +217,7 @@ def test_party_queries_score_correctly(
 def test_secret_key_is_refused_and_not_stored(
     stub: pb_grpc.ScoringServiceStub, scorer: Scorer, party: Party
 ) -> None:
-    blob = seal_io.to_bytes(party.keygen.secret_key())
+    blob = wire.to_bytes(party.keygen.secret_key())
     before = len(scorer.keys)
 
     assert register_code(stub, list(chunked(blob))) == grpc.StatusCode.INVALID_ARGUMENT
@@ -233,7 +233,7 @@ def test_public_key_is_refused(
     party.keygen.create_public_key(public_key)
     before = len(scorer.keys)
 
-    code = register_code(stub, list(chunked(seal_io.to_bytes(public_key))))
+    code = register_code(stub, list(chunked(wire.to_bytes(public_key))))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(scorer.keys) == before
@@ -245,7 +245,7 @@ def test_relin_keys_are_refused(
 ) -> None:
     before = len(scorer.keys)
 
-    code = register_code(stub, list(chunked(seal_io.to_bytes(party.keygen.create_relin_keys()))))
+    code = register_code(stub, list(chunked(wire.to_bytes(party.keygen.create_relin_keys()))))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(scorer.keys) == before

@@ -32,18 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from heserve.auth import (
-    Authenticator,
-    QueryBudget,
-    TokenError,
-    owner_tag,
-    parse_tokens,
-)
-from heserve.catalog import Catalog, unit_rows
-from heserve.packing import query_slots
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Scorer
-from heserve.server import RunningServer, TlsConfig, start_server
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.scorer import Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots
+from heserve.transport.auth import Authenticator, QueryBudget, TokenError, owner_tag, parse_tokens
+from heserve.transport.server import RunningServer, TlsConfig, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import (
@@ -503,7 +497,7 @@ def _serve_cli(
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "heserve.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", "0", *args],
             cwd=tmp_path,
             env=env or _env(),
             stdout=subprocess.PIPE,
@@ -522,7 +516,7 @@ def _serve_cli(
 
 def _recommend(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "heserve.cli", "recommend", *args],
+        [sys.executable, "-m", "heserve.ops.cli", "recommend", *args],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,

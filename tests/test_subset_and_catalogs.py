@@ -15,11 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from heserve.catalog import MAX_ROW_NORM, Catalog, CatalogError, load_catalog, unit_rows
-from heserve.packing import query_slots, unpack_complex
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Limits, Scorer
-from heserve.server import RunningServer, start_server
+from heserve.domain.catalog import MAX_ROW_NORM, Catalog, CatalogError, load_catalog, unit_rows
+from heserve.domain.scorer import Limits, Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots, unpack_complex
+from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, SecretContext

@@ -16,21 +16,21 @@ import pytest
 import tenseal.sealapi as seal
 import zstandard
 
-from heserve import seal_io
-from heserve.engine import ScoringEngine, ScoringError
-from heserve.packing import (
-    ComplexArray,
-    DiagonalPlan,
-    FloatArray,
-    imaginary_signs,
-    query_slots,
-    unpack_complex,
-)
-from heserve.params import (
+from heserve.he.engine import ScoringEngine, ScoringError
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import (
     DEFAULT_PARAMETERS,
     PRESETS,
     CkksParameters,
     InsecureParametersError,
+)
+from heserve.protocol.slots import (
+    ComplexArray,
+    FloatArray,
+    imaginary_signs,
+    query_slots,
+    unpack_complex,
 )
 
 HEADER = struct.Struct(
@@ -103,7 +103,7 @@ def test_parameters_at_the_security_bound_build_a_seal_context(
 
 
 def test_security_table_matches_seal() -> None:
-    from heserve.params import MAX_COEFF_BITS_128
+    from heserve.protocol.params import MAX_COEFF_BITS_128
 
     for degree, limit in MAX_COEFF_BITS_128.items():
         assert limit == seal.CoeffModulus.MaxBitCount(degree, seal.SEC_LEVEL_TYPE.TC128)
@@ -376,7 +376,7 @@ class Keys:
 
     def galois_keys(self, steps: list[int]) -> seal.GaloisKeys:
         keys = seal.GaloisKeys()
-        elements = [seal_io.galois_element(s, self.params.poly_modulus_degree) for s in steps]
+        elements = [wire.galois_element(s, self.params.poly_modulus_degree) for s in steps]
         self.generator.create_galois_keys(elements, keys)
         return keys
 
@@ -393,7 +393,7 @@ def values() -> FloatArray:
 
 @pytest.fixture(scope="module")
 def ciphertext_blob(keys: Keys, values: FloatArray) -> bytes:
-    return seal_io.to_bytes(keys.encrypt(values))
+    return wire.to_bytes(keys.encrypt(values))
 
 
 def header(blob: bytes) -> tuple[int, ...]:
@@ -439,11 +439,11 @@ def variant(uncompressed: bytes, mode: int) -> bytes:
 def test_ciphertext_round_trips_through_bytes(
     keys: Keys, values: FloatArray, ciphertext_blob: bytes
 ) -> None:
-    loaded = seal_io.load_ciphertext(keys.context, ciphertext_blob, 1 << 24)
+    loaded = wire.load_ciphertext(keys.context, ciphertext_blob, 1 << 24)
     assert loaded.size() == 2 and loaded.is_ntt_form()
     assert loaded.parms_id() == keys.context.first_parms_id()
     np.testing.assert_allclose(keys.decrypt(loaded), values, atol=1e-6)
-    assert seal_io.to_bytes(loaded)[:2] == struct.pack("<H", MAGIC)
+    assert wire.to_bytes(loaded)[:2] == struct.pack("<H", MAGIC)
 
 
 @pytest.mark.parametrize("mode", [COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD])
@@ -454,15 +454,15 @@ def test_every_compression_mode_loads(
     assert header(blob)[4] == mode
     if mode != COMPR_NONE:
         assert len(blob) < len(uncompressed_blob)
-    loaded = seal_io.load_ciphertext(keys.context, blob, len(uncompressed_blob))
+    loaded = wire.load_ciphertext(keys.context, blob, len(uncompressed_blob))
     np.testing.assert_allclose(keys.decrypt(loaded), values, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", [COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD])
 def test_payload_over_max_bytes_is_refused(keys: Keys, uncompressed_blob: bytes, mode: int) -> None:
     blob = variant(uncompressed_blob, mode)
-    with pytest.raises(seal_io.PayloadTooLargeError):
-        seal_io.load_ciphertext(keys.context, blob, len(blob) - 1)
+    with pytest.raises(wire.PayloadTooLargeError):
+        wire.load_ciphertext(keys.context, blob, len(blob) - 1)
 
 
 @pytest.mark.parametrize("mode", [COMPR_ZLIB, COMPR_ZSTD])
@@ -471,9 +471,9 @@ def test_payload_inflating_past_max_bytes_is_refused(
 ) -> None:
     blob = variant(uncompressed_blob, mode)
     # the compressed bytes fit, what they inflate to does not (by one byte)
-    with pytest.raises(seal_io.PayloadTooLargeError):
-        seal_io.load_ciphertext(keys.context, blob, len(uncompressed_blob) - 1)
-    seal_io.load_ciphertext(keys.context, blob, len(uncompressed_blob))
+    with pytest.raises(wire.PayloadTooLargeError):
+        wire.load_ciphertext(keys.context, blob, len(uncompressed_blob) - 1)
+    wire.load_ciphertext(keys.context, blob, len(uncompressed_blob))
 
 
 @pytest.mark.parametrize("mode", [COMPR_ZLIB, COMPR_ZSTD])
@@ -483,8 +483,8 @@ def test_compression_bomb_is_refused(keys: Keys, mode: int) -> None:
     del zeros
     bomb = rehead(body, mode, 3)
     assert len(bomb) < 1 << 20
-    with pytest.raises(seal_io.PayloadTooLargeError):
-        seal_io.load_ciphertext(keys.context, bomb, 1 << 20)
+    with pytest.raises(wire.PayloadTooLargeError):
+        wire.load_ciphertext(keys.context, bomb, 1 << 20)
 
 
 def _truncated_consistent(blob: bytes) -> bytes:
@@ -521,23 +521,23 @@ def test_malformed_payloads_raise_serialization_error(
         "corrupt body": variant(bytes(corrupted), mode),
     }
     for label, payload in bad.items():
-        with pytest.raises(seal_io.SerializationError):
-            seal_io.load_ciphertext(keys.context, payload, limit)
+        with pytest.raises(wire.SerializationError):
+            wire.load_ciphertext(keys.context, payload, limit)
             pytest.fail(f"{label}: loaded")
 
 
 def test_ciphertext_under_other_parameters_is_refused(ciphertext_blob: bytes) -> None:
     other = CkksParameters(poly_modulus_degree=8192, coeff_modulus_bits=(50, 40, 60), scale_bits=40)
-    with pytest.raises(seal_io.SerializationError):
-        seal_io.load_ciphertext(other.seal_context(), ciphertext_blob, 1 << 24)
+    with pytest.raises(wire.SerializationError):
+        wire.load_ciphertext(other.seal_context(), ciphertext_blob, 1 << 24)
 
 
 def test_galois_keys_round_trip_through_bytes(keys: Keys) -> None:
-    elements = [seal_io.galois_element(s, N) for s in (1, 16)]
-    blob = seal_io.to_bytes(keys.generator.create_galois_keys(elements))
-    loaded = seal_io.load_galois_keys(keys.context, blob, 64 << 20)
+    elements = [wire.galois_element(s, N) for s in (1, 16)]
+    blob = wire.to_bytes(keys.generator.create_galois_keys(elements))
+    loaded = wire.load_galois_keys(keys.context, blob, 64 << 20)
     assert all(loaded.has_key(e) for e in elements)
-    assert not loaded.has_key(seal_io.galois_element(2, N))
+    assert not loaded.has_key(wire.galois_element(2, N))
 
 
 STEPS = [0, 1, 2, 3, 8, 16, 100, 1000, 2047, 2048, 4095, -1, -2, -16, -4095]
@@ -545,19 +545,17 @@ STEPS = [0, 1, 2, 3, 8, 16, 100, 1000, 2047, 2048, 4095, -1, -2, -16, -4095]
 
 def test_galois_element_matches_seals_galois_tool(keys: Keys) -> None:
     tool = keys.context.key_context_data().galois_tool()
-    assert [seal_io.galois_element(s, N) for s in STEPS] == [
-        tool.get_elt_from_step(s) for s in STEPS
-    ]
+    assert [wire.galois_element(s, N) for s in STEPS] == [tool.get_elt_from_step(s) for s in STEPS]
 
 
 @pytest.mark.parametrize("step", [SLOTS, -SLOTS, SLOTS + 1, -SLOTS - 1])
 def test_galois_element_refuses_steps_out_of_range(step: int) -> None:
     with pytest.raises(ValueError):
-        seal_io.galois_element(step, N)
+        wire.galois_element(step, N)
 
 
 def test_step_zero_is_complex_conjugation(keys: Keys) -> None:
-    assert seal_io.galois_element(0, N) == 2 * N - 1
+    assert wire.galois_element(0, N) == 2 * N - 1
     rng = np.random.default_rng(6)
     values = rng.uniform(-1, 1, SLOTS) + 1j * rng.uniform(-1, 1, SLOTS)
     plaintext = seal.Plaintext()
@@ -578,7 +576,7 @@ def test_keys_made_from_galois_element_rotate_like_np_roll(
     keys: Keys, values: FloatArray, step: int
 ) -> None:
     galois = keys.galois_keys([step])
-    assert galois.has_key(seal_io.galois_element(step, N))
+    assert galois.has_key(wire.galois_element(step, N))
     rotated = seal.Ciphertext()
     # SEAL derives the element from the step itself and fails if the key is missing
     seal.Evaluator(keys.context).rotate_vector(keys.encrypt(values), step, galois, rotated)

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from heserve.catalog import Catalog, unit_rows
-from heserve.errors import UnavailableError
-from heserve.packing import query_slots, unpack_complex
-from heserve.params import DEFAULT_PARAMETERS
-from heserve.scoring import Scorer
-from heserve.workers import ProcessBackend
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog, unit_rows
+from heserve.domain.errors import UnavailableError
+from heserve.domain.scorer import Scorer
+from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol.slots import query_slots, unpack_complex
 from heserve_client import SecretContext
 
 SLOTS = DEFAULT_PARAMETERS.slot_count

@@ -20,9 +20,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from heserve.errors import KEY_NOT_FOUND
-from heserve.packing import query_slots, unpack_complex
-from heserve.params import CkksParameters
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.reasons import KEY_NOT_FOUND
+from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client._errors import (

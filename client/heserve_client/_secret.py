@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.params import CkksParameters
+from heserve.protocol import wire
+from heserve.protocol.params import CkksParameters
 
 _FILE_MAGIC = b"HESERVE-SECRET-CONTEXT-1\n"
 _MAX_SECRET_FILE_BYTES = 64 << 20
@@ -44,16 +44,16 @@ class SecretContext:
     def galois_keys(self, steps: Sequence[int]) -> bytes:
         """Serialized public Galois keys for exactly these rotation steps (seeded: half size)."""
         n = self.params.poly_modulus_degree
-        elements = sorted({seal_io.galois_element(step, n) for step in steps})
+        elements = sorted({wire.galois_element(step, n) for step in steps})
         keys = self._generator.create_galois_keys(elements)
-        return seal_io.zstd_compressed(seal_io.galois_keys_to_wire(seal_io.to_bytes(keys)))
+        return wire.zstd_compressed(wire.galois_keys_to_wire(wire.to_bytes(keys)))
 
     def encrypt(self, slots: npt.NDArray[np.float64]) -> bytes:
         """Encrypt a full slot vector at the top level; seeded symmetric encryption halves it."""
         plaintext = seal.Plaintext()
         self._encoder.encode(slots.tolist(), self.params.scale, plaintext)
         ciphertext = self._encryptor.encrypt_symmetric(plaintext)
-        return seal_io.zstd_compressed(seal_io.ciphertext_to_wire(seal_io.to_bytes(ciphertext)))
+        return wire.zstd_compressed(wire.ciphertext_to_wire(wire.to_bytes(ciphertext)))
 
     def decrypt(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.float64]:
         """Decrypt and decode a score ciphertext into its slots' real parts."""
@@ -61,7 +61,7 @@ class SecretContext:
 
     def decrypt_complex(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.complex128]:
         """Decrypt and decode a score ciphertext into its complex slot values."""
-        ciphertext = seal_io.load_ciphertext(self._context, blob, max_bytes)
+        ciphertext = wire.load_ciphertext(self._context, blob, max_bytes)
         plaintext = seal.Plaintext()
         self._decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self._encoder.decode_complex(plaintext), dtype=np.complex128)
@@ -76,7 +76,7 @@ class SecretContext:
                 "catalog_scale_bits": self.params.catalog_scale_bits,
             }
         ).encode()
-        key = seal_io.to_bytes(self._secret_key)
+        key = wire.to_bytes(self._secret_key)
         target = Path(path)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -98,7 +98,7 @@ class SecretContext:
             scale_bits=int(fields["scale_bits"]),
             catalog_scale_bits=int(fields["catalog_scale_bits"]),
         )
-        secret_key = seal_io.load_secret_key(
+        secret_key = wire.load_secret_key(
             params.seal_context(), data[offset + header_len :], _MAX_SECRET_FILE_BYTES
         )
         return cls(params, secret_key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heserve.packing import FloatArray
+from heserve.protocol.slots import FloatArray
 
 # Every preset leaves scores at least 8 bits of headroom (|score| < 128); with a
 # user vector of norm <= 1, rows of norm <= 64 keep a factor of two in reserve.

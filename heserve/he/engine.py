@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as seal
 
-from heserve.packing import DiagonalPlan, FloatArray, imaginary_signs
-from heserve.params import CkksParameters
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.slots import FloatArray, imaginary_signs
 
 Progress = Callable[[int, int], None]
 """Called as progress(done, total) while long work runs."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from heserve.errors import ServiceError
+from heserve.domain.errors import ServiceError
 
 MIN_TOKEN_CHARS = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
-from heserve.params import CkksParameters
+from heserve.protocol.params import CkksParameters
 
 # Typical std of one score's CKKS noise per preset (slot units), measured with
 # bench.precision on unit-norm rows and queries (mean absolute error × 1.25).

@@ -15,61 +15,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from heserve.auth import ANONYMOUS, Authenticator, Caller, QueryBudget
-from heserve.metrics import Metrics
+from heserve.transport.auth import ANONYMOUS, Authenticator, Caller, QueryBudget
+from heserve.transport.context import REQUEST_ID_KEY, CallInfo, bind_call, request_id_of
+from heserve.transport.metrics import Metrics
 from heserve.v1 import scoring_pb2 as pb
 
 log = logging.getLogger("heserve.access")
 
-REQUEST_ID_KEY = "x-request-id"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 SCORE_METHOD = "/heserve.v1.ScoringService/Score"
 _NO_DEADLINE_SECONDS = 1e8  # gRPC reports "no deadline" as a remaining time of centuries
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-
-@dataclass(frozen=True)
-class CallInfo:
-    """What the interceptor knows about the call this thread is serving."""
-
-    request_id: str
-    method: str
-    caller: Caller
 
 
 if TYPE_CHECKING:  # generic in grpc-stubs only
     _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
 else:
     _ServerInterceptor = grpc.ServerInterceptor
-
-_current: ContextVar[CallInfo | None] = ContextVar("heserve_call", default=None)
-
-
-def current_call() -> CallInfo | None:
-    """The call this thread serves (the last one it started), if any."""
-    return _current.get()
-
-
-def current_caller() -> Caller:
-    """The authenticated caller of this thread's call; the anonymous one without tokens."""
-    info = _current.get()
-    return ANONYMOUS if info is None else info.caller
-
-
-def request_id_of(metadata: dict[str, str]) -> str:
-    """The client's x-request-id if it is a sane token, else a fresh one."""
-    supplied = metadata.get(REQUEST_ID_KEY, "")
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -97,7 +64,7 @@ class _Call:
         self.catalog = ""  # Score's, for the items-scored counter
 
     def begin(self, context: grpc.ServicerContext) -> None:
-        _current.set(self.info)
+        bind_call(self.info)
         self.started = time.perf_counter()
         remaining = context.time_remaining()  # huge, or None, without a deadline
         if remaining is not None and remaining < _NO_DEADLINE_SECONDS:

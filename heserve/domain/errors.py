@@ -6,10 +6,6 @@ The domain raises these without knowing gRPC; the transport layer maps `status`
 
 from __future__ import annotations
 
-# The ErrorInfo domain and the reasons clients act on (google.rpc.ErrorInfo).
-ERROR_DOMAIN = "heserve.v1"
-KEY_NOT_FOUND = "KEY_NOT_FOUND"
-
 
 class ServiceError(Exception):
     """A request the service refuses.

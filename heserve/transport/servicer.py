@@ -3,7 +3,7 @@
 This layer only translates: protobuf messages to domain calls on `Scorer`, and
 `ServiceError`s to gRPC status codes with their message. It bounds the streamed
 key upload chunk by chunk, before the bytes are joined, checks that a key_id is the
-caller's (see heserve.auth), and stops scoring as soon as the call's deadline passes
+caller's (see heserve.transport.auth), and stops scoring as soon as the call's deadline passes
 or the client cancels.
 """
 
@@ -21,10 +21,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from heserve import __version__
-from heserve.auth import check_owner
-from heserve.errors import ERROR_DOMAIN, InvalidArgumentError, ResourceExhaustedError, ServiceError
-from heserve.interceptors import current_caller
-from heserve.scoring import Scorer
+from heserve.domain.errors import InvalidArgumentError, ResourceExhaustedError, ServiceError
+from heserve.domain.scorer import Scorer
+from heserve.protocol.reasons import ERROR_DOMAIN
+from heserve.transport.auth import check_owner
+from heserve.transport.context import current_caller
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 

@@ -1,5 +1,5 @@
 """Run the ScoringService: a gRPC server with health checking, reflection, TLS,
-per-call policy (tokens, budgets, metrics, request ids; see heserve.interceptors),
+per-call policy (tokens, budgets, metrics, request ids; see heserve.transport.interceptors),
 bounded concurrency and message sizes, and a graceful shutdown on SIGTERM/SIGINT.
 """
 
@@ -17,11 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from heserve.auth import Authenticator, QueryBudget
-from heserve.interceptors import CallInterceptor
-from heserve.metrics import Metrics
-from heserve.scoring import Scorer
-from heserve.service import SERVICE_NAME, ScoringServicer
+from heserve.domain.scorer import Scorer
+from heserve.transport.auth import Authenticator, QueryBudget
+from heserve.transport.interceptors import CallInterceptor
+from heserve.transport.metrics import Metrics
+from heserve.transport.servicer import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,12 @@ from typing import Any
 
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.backend import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError
-from heserve.packing import DiagonalPlan, FloatArray
-from heserve.params import CkksParameters
+from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.he.engine import Chunk, Progress, ScoringEngine, ScoringError
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.slots import FloatArray
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,12 @@ def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_
             elif kind == "score":
                 _, _, name, key_id, keys_blob, query_blob, max_bytes = message
                 if keys_blob is not None:
-                    keys[key_id] = seal_io.load_galois_keys(engine.context, keys_blob, _UNBOUNDED)
+                    keys[key_id] = wire.load_galois_keys(engine.context, keys_blob, _UNBOUNDED)
                 plan, indices, chunks = shards[name]
-                query = seal_io.load_ciphertext(engine.context, query_blob, max_bytes)
+                query = wire.load_ciphertext(engine.context, query_blob, max_bytes)
                 results = engine.score(plan, chunks, query, keys[key_id])
                 for index, scores in zip(indices, results, strict=True):
-                    conn.send(("chunk", request_id, index, seal_io.to_bytes(scores)))
+                    conn.send(("chunk", request_id, index, wire.to_bytes(scores)))
                     if cancelled.value == request_id:
                         break
                 conn.send(("done", request_id))
@@ -83,7 +84,7 @@ def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_
                 keys.pop(message[2], None)
             elif kind == "stop":
                 return
-        except (ScoringError, seal_io.SerializationError, KeyError, ValueError) as exc:
+        except (ScoringError, wire.SerializationError, KeyError, ValueError) as exc:
             conn.send(("error", request_id, f"{type(exc).__name__}: {exc}"))
 
 

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from heserve import __version__, config, logs
-from heserve.auth import Authenticator, QueryBudget
-from heserve.backend import LocalBackend, ScoringBackend
-from heserve.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
-from heserve.params import DEFAULT_PRESET, PRESETS, CkksParameters
-from heserve.progress import ProgressBar
-from heserve.protection import ScoreProtection
-from heserve.scoring import KeyRetention, Limits, Scorer
-from heserve.server import TlsConfig, serve_until_signalled, start_server
-from heserve.workers import ProcessBackend
+from heserve import __version__
+from heserve.backends.base import ScoringBackend
+from heserve.backends.local import LocalBackend
+from heserve.backends.pool import ProcessBackend
+from heserve.domain.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
+from heserve.domain.protection import ScoreProtection
+from heserve.domain.scorer import KeyRetention, Limits, Scorer
+from heserve.ops import config, logs
+from heserve.ops.progress import ProgressBar
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
+from heserve.transport.auth import Authenticator, QueryBudget
+from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
 from heserve_client import HeserveError
 
 log = logging.getLogger("heserve")
@@ -50,7 +52,7 @@ def _backend(
     budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
     if getattr(args, "backend", "process") == "ray":
         try:
-            from heserve.ray_backend import RayBackend
+            from heserve.backends.ray_cluster import RayBackend
         except ImportError:
             raise config.ConfigError(
                 "--backend ray needs Ray: pip install 'heserve[ray]'"

@@ -27,11 +27,12 @@ import ray
 import ray.exceptions
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.backend import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.engine import Chunk, Progress, ScoringEngine, ScoringError
-from heserve.packing import DiagonalPlan, FloatArray
-from heserve.params import CkksParameters
+from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.he.engine import Chunk, Progress, ScoringEngine, ScoringError
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.slots import FloatArray
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,12 @@ class ShardActor:
             self.load(name, plan, rows_ref, budget)
         if key_id not in self._keys:
             blob: bytes = ray.get(keys_ref[0])
-            self._keys[key_id] = seal_io.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
+            self._keys[key_id] = wire.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
         plan, chunks = self._shards[name]
         # The Scorer bounded the query (inflated too) before it got here.
-        query = seal_io.load_ciphertext(self._engine.context, query_blob, _UNBOUNDED)
+        query = wire.load_ciphertext(self._engine.context, query_blob, _UNBOUNDED)
         for scores in self._engine.score(plan, chunks, query, self._keys[key_id]):
-            yield seal_io.to_bytes(scores)
+            yield wire.to_bytes(scores)
 
     def forget(self, key_id: str) -> None:
         self._keys.pop(key_id, None)

@@ -2,7 +2,7 @@
 
 The Scorer validates requests and owns the key store; a backend holds the
 catalogs' encoded chunks and computes. `LocalBackend` does it in this process;
-`heserve.workers.ProcessBackend` spreads the chunks of each catalog over worker
+`heserve.backends.pool.ProcessBackend` spreads the chunks of each catalog over worker
 processes (shard = the chunks with index ≡ shard mod shard count). Backends take
 keys and queries both as bytes (what a remote shard needs) and as loaded SEAL
 objects (what an in-process one uses), so neither is parsed twice.
@@ -16,10 +16,10 @@ from typing import Generic, Protocol, TypeVar
 
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.engine import Chunk, Progress, ScoringEngine, encoded_chunk_bytes
-from heserve.packing import DiagonalPlan, FloatArray
-from heserve.params import CkksParameters
+from heserve.he.engine import Progress, encoded_chunk_bytes
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.slots import FloatArray
 
 T = TypeVar("T")
 
@@ -87,38 +87,3 @@ class ScoringBackend(Protocol):
 
     def close(self) -> None:
         """Release workers and memory."""
-
-
-class LocalBackend:
-    """Every chunk in this process: no start-up cost, one core."""
-
-    shard_count = 1
-
-    def __init__(self, params: CkksParameters, memory_budget: int | None = None) -> None:
-        self.engine = ScoringEngine(params)
-        self._budget = ShardBudget(memory_budget, 1)
-        self._catalogs: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
-
-    def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
-    ) -> None:
-        budget = self._budget.take(self.engine.params, plan, plan.chunk_count(len(embeddings)))
-        chunks = self.engine.encode_catalog(plan, embeddings, progress, budget)
-        self._catalogs[name] = (plan, chunks)
-
-    def score(
-        self,
-        name: str,
-        key_id: str,
-        keys: Sealed[seal.GaloisKeys],
-        query: Sealed[seal.Ciphertext],
-    ) -> Iterator[bytes]:
-        plan, chunks = self._catalogs[name]
-        for scores in self.engine.score(plan, chunks, query.value, keys.value):
-            yield seal_io.to_bytes(scores)
-
-    def forget_keys(self, key_id: str) -> None:
-        """Nothing to do: the loaded keys live in the Scorer's key store only."""
-
-    def close(self) -> None:
-        self._catalogs.clear()

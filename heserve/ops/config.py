@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from heserve.logs import FORMATS, LEVELS
-from heserve.params import DEFAULT_PRESET, PRESETS
+from heserve.ops.logs import FORMATS, LEVELS
+from heserve.protocol.params import DEFAULT_PRESET, PRESETS
 
 ENV_PREFIX = "HESERVE_"
 CONFIG_ENV = "HESERVE_CONFIG"

@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 from heserve import __version__
-from heserve.scoring import Scorer
+from heserve.domain.scorer import Scorer
 
 # Seconds: from a health check (~0.1 ms) to a large catalog scored on a busy host.
 _LATENCY_BUCKETS = (

@@ -16,22 +16,23 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as seal
 
-from heserve import seal_io
-from heserve.backend import LocalBackend, ScoringBackend, Sealed, ShardUnavailableError
-from heserve.catalog import Catalog
-from heserve.engine import Progress, ScoringEngine, ScoringError
-from heserve.errors import (
-    KEY_NOT_FOUND,
+from heserve.backends.base import ScoringBackend, Sealed, ShardUnavailableError
+from heserve.backends.local import LocalBackend
+from heserve.domain.catalog import Catalog
+from heserve.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from heserve.keystore import KeyStore, KeyTooLargeError
-from heserve.packing import DiagonalPlan
-from heserve.params import PRESETS, CkksParameters
-from heserve.protection import NoiseAdder, ScoreProtection
+from heserve.domain.keystore import KeyStore, KeyTooLargeError
+from heserve.domain.protection import NoiseAdder, ScoreProtection
+from heserve.he.engine import Progress, ScoringEngine, ScoringError
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import PRESETS, CkksParameters
+from heserve.protocol.reasons import KEY_NOT_FOUND
 
 log = logging.getLogger(__name__)
 # SEAL's rotation step for complex conjugation (Galois element 2N - 1).
@@ -100,7 +101,7 @@ class Scorer:
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
         self.protection = protection or ScoreProtection()
         self._noise = NoiseAdder(params, self.preset, self.protection)
-        self._conjugation = seal_io.galois_element(CONJUGATION_STEP, params.poly_modulus_degree)
+        self._conjugation = wire.galois_element(CONJUGATION_STEP, params.poly_modulus_degree)
         self.limits = limits or Limits()
         self.retention = retention or KeyRetention()
         self.engine = ScoringEngine(params)
@@ -132,7 +133,7 @@ class Scorer:
         # Step 0 (complex conjugation) comes first: needed for real-slot scores only.
         self.galois_steps = (CONJUGATION_STEP, *sorted(steps))
         self._galois_elements = [
-            seal_io.galois_element(step, params.poly_modulus_degree) for step in self.galois_steps
+            wire.galois_element(step, params.poly_modulus_degree) for step in self.galois_steps
         ]
 
     @property
@@ -150,17 +151,17 @@ class Scorer:
     def register_keys(self, blob: bytes, owner: str = "") -> str:
         """Validate and store GaloisKeys; the key_id is a hash of the bytes (idempotent).
 
-        `owner` (an authenticated caller's tag; see heserve.auth) enters the hash and ends
+        `owner` (an authenticated caller's tag; see heserve.transport.auth) enters the hash and ends
         the key_id, so two callers uploading the same bytes never share an entry.
         """
         key_id = hashlib.sha256(owner.encode() + blob).hexdigest()[:32] + owner
         if self.keys.touch(key_id):
             return key_id
         try:
-            keys = seal_io.load_galois_keys(self.engine.context, blob, self.limits.max_key_bytes)
-        except seal_io.PayloadTooLargeError as exc:
+            keys = wire.load_galois_keys(self.engine.context, blob, self.limits.max_key_bytes)
+        except wire.PayloadTooLargeError as exc:
             raise ResourceExhaustedError(f"key upload too large: {exc}") from None
-        except seal_io.SerializationError as exc:
+        except wire.SerializationError as exc:
             raise InvalidArgumentError(
                 f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
             ) from None
@@ -231,7 +232,7 @@ class Scorer:
             rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
             chunks = [rows[at : at + per_chunk] for at in range(0, len(positions), per_chunk)]
             results = self.engine.score(entry.plan, chunks, ciphertext.value, keys.value)
-            runs = (seal_io.to_bytes(scores) for scores in results)
+            runs = (wire.to_bytes(scores) for scores in results)
             count = len(positions)
         per_response = per_chunk if complex_scores else self.params.slot_count
         total = -(-count // per_response)
@@ -252,11 +253,11 @@ class Scorer:
     def _finish(self, scores: bytes, keys: seal.GaloisKeys, complex_scores: bool) -> list[bytes]:
         """A chunk's result as it goes on the wire: with noise, split if real slots were asked."""
         if complex_scores and not self.protection.enabled:
-            return [seal_io.ciphertext_to_wire(scores)]
-        ciphertext = seal_io.load_ciphertext(self.engine.context, scores, _OWN_RESULT_BYTES)
+            return [wire.ciphertext_to_wire(scores)]
+        ciphertext = wire.load_ciphertext(self.engine.context, scores, _OWN_RESULT_BYTES)
         self._noise.add_to(ciphertext)
         parts = [ciphertext] if complex_scores else self.engine.split_complex(ciphertext, keys)
-        return [seal_io.ciphertext_to_wire(seal_io.to_bytes(part)) for part in parts]
+        return [wire.ciphertext_to_wire(wire.to_bytes(part)) for part in parts]
 
     def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
         if not item_ids:
@@ -276,11 +277,11 @@ class Scorer:
         if not blob:
             raise InvalidArgumentError("query is empty")
         try:
-            ciphertext = seal_io.load_ciphertext(self.engine.context, blob, self.max_query_bytes)
+            ciphertext = wire.load_ciphertext(self.engine.context, blob, self.max_query_bytes)
             self.engine.check_query(ciphertext)
-        except seal_io.PayloadTooLargeError as exc:
+        except wire.PayloadTooLargeError as exc:
             raise ResourceExhaustedError(f"query too large: {exc}") from None
-        except (seal_io.SerializationError, ScoringError) as exc:
+        except (wire.SerializationError, ScoringError) as exc:
             raise InvalidArgumentError(
                 f"query is not a valid ciphertext for this server: {exc}"
             ) from None

@@ -1,6 +1,7 @@
 """Slot layouts of the diagonal (Halevi-Shoup) packing with baby-step giant-step.
 
-The math is in ENGINE.md. In short, with S slots and the dimension padded to a
+The math is in docs/engine.md; the query and result layouts, which clients
+share, are in heserve.protocol.slots. In short, with S slots and the dimension padded to a
 power of two d' that divides S:
 
 - the query holds u (zero-padded to d') repeated across all S slots;
@@ -24,52 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float64]
-ComplexArray = npt.NDArray[np.complex128]
-
-
-def _next_power_of_two(value: int) -> int:
-    return 1 << max(0, value - 1).bit_length()
-
-
-def query_slots(vector: npt.ArrayLike, dimension: int, slot_count: int) -> FloatArray:
-    """The query layout: `vector` zero-padded to d' and repeated over every slot.
-
-    This is all a client needs of the packing: the server's baby/giant split does
-    not change the query.
-    """
-    u = np.asarray(vector, dtype=np.float64)
-    if u.shape != (dimension,):
-        raise ValueError(f"expected a vector of dimension {dimension}, got shape {u.shape}")
-    padded_dimension = _next_power_of_two(dimension)
-    if slot_count % padded_dimension:
-        raise ValueError(f"dimension {dimension} does not fit {slot_count} slots")
-    padded = np.zeros(padded_dimension)
-    padded[:dimension] = u
-    return np.tile(padded, slot_count // padded_dimension)
-
-
-def imaginary_signs(slot_count: int) -> FloatArray:
-    """(-1)^i: the sign the imaginary half of the scores carries in slot i.
-
-    In SEAL's slot order the monomial X^(N/2) is the slot vector i * (-1)^j, so
-    with this sign on the imaginary half, splitting a complex result into two real
-    ones takes one multiplication by an exact monomial (no scale, no precision).
-    """
-    signs: FloatArray = 1.0 - 2.0 * (np.arange(slot_count, dtype=np.float64) % 2)
-    return signs
-
-
-def unpack_complex(slots: ComplexArray, count: int) -> FloatArray:
-    """The `count` scores of a complex-slot result: real parts, then signed imaginary parts."""
-    half = slots.shape[0]
-    if not 0 <= count <= 2 * half:
-        raise ValueError(f"a complex result holds at most {2 * half} scores, not {count}")
-    rest = max(0, count - half)
-    scores: FloatArray = np.concatenate(
-        [slots.real[: min(count, half)], slots.imag[:rest] * imaginary_signs(half)[:rest]]
-    )
-    return scores
+from heserve.protocol.slots import (
+    ComplexArray,
+    FloatArray,
+    ceil_div,
+    imaginary_signs,
+    next_power_of_two,
+    query_slots,
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +62,8 @@ class DiagonalPlan:
         plus C * (d'/b - 1) giant rotations; shards run in parallel, so C is the
         chunks per shard. Ties go to the larger b (fewer per-chunk rotations).
         """
-        padded = _next_power_of_two(dimension)
-        chunks = max(1, -(-item_count // (2 * slot_count * max(1, shards))))
+        padded = next_power_of_two(dimension)
+        chunks = max(1, ceil_div(item_count, 2 * slot_count * max(1, shards)))
         candidates = [1 << e for e in range(padded.bit_length())]
         best = min(candidates, key=lambda b: ((b - 1) + chunks * (padded // b - 1), -b))
         return cls(dimension=dimension, slot_count=slot_count, baby_step=best)
@@ -108,7 +71,7 @@ class DiagonalPlan:
     @property
     def padded_dimension(self) -> int:
         """d rounded up to a power of two, d'."""
-        return _next_power_of_two(self.dimension)
+        return next_power_of_two(self.dimension)
 
     @property
     def items_per_chunk(self) -> int:
@@ -117,7 +80,7 @@ class DiagonalPlan:
 
     def chunk_count(self, item_count: int) -> int:
         """Output ciphertexts for `item_count` items: ceil(n / 2S)."""
-        return -(-item_count // self.items_per_chunk)
+        return ceil_div(item_count, self.items_per_chunk)
 
     def chunk_rows(
         self, embeddings: FloatArray, indices: Sequence[int] | None = None

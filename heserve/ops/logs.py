@@ -1,7 +1,7 @@
 """Structured logs: one line per record, JSON or key=value, each with the request id.
 
 Records made while a thread serves a call carry that call's request id (see
-heserve.interceptors); structured fields passed as `extra={"fields": {...}}` become keys
+heserve.transport.interceptors); structured fields passed as `extra={"fields": {...}}` become keys
 of their own. What is logged anywhere in heserve is sizes, counts, codes, names and
 key_id prefixes: never key material, ciphertexts or vectors.
 """
@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from heserve.interceptors import current_call
+from heserve.transport.context import current_call
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
