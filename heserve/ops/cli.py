@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,6 @@ from heserve.ops.progress import ProgressBar
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
 from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
-from heserve_client import HeserveError
 
 log = logging.getLogger("heserve")
 
@@ -171,11 +171,27 @@ def _client_token(path: Path | None) -> str | None:
     raise ValueError(f"{path} holds no token")
 
 
+class CommandError(Exception):
+    """A command failed for a reason its user can act on; printed as one line."""
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """heserve_client's errors as CommandError: the client is imported only by the
+    commands that run it, so that serving never loads it."""
+    from heserve_client import HeserveError
+
+    try:
+        yield
+    except HeserveError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from heserve_client import Client
 
     vector = np.load(args.vector, allow_pickle=False)
-    with Client(
+    with _client_errors(), Client(
         args.server,
         key_file=args.key_file,
         token=_client_token(args.token_file),
@@ -205,7 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     running = start_server(scorer, "127.0.0.1", 0)
     user = unit_rows(1, args.dimension, seed=args.seed)[0]
     try:
-        with Client(f"127.0.0.1:{running.port}") as client:
+        with _client_errors(), Client(f"127.0.0.1:{running.port}") as client:
             started = time.perf_counter()
             client.register_keys()
             register_seconds = time.perf_counter() - started - client.stats.last_keygen_seconds
@@ -344,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result: int = args.handler(args)
-    except (CatalogError, OSError, ValueError, HeserveError) as exc:
+    except (CatalogError, OSError, ValueError, CommandError) as exc:
         print(f"heserve: error: {exc}", file=sys.stderr)
         return 2
     return result
