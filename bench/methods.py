@@ -28,10 +28,10 @@ import numpy.typing as npt
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.scorer import CONJUGATION_STEP, ScoredRun, Scorer
-from heserve.he.engine import ScoringEngine
+from heserve.he.engine import Engine
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS, PRESETS, CkksParameters
@@ -209,12 +209,12 @@ def decrypt_scores(
 
 
 def engine_setup(workload: Workload, params: CkksParameters = PARAMS) -> Runner:
-    """heserve's ScoringEngine: the catalog encoded once here, a query scored per call.
+    """heserve's Engine: the catalog encoded once here, a query scored per call.
 
     The timed call is `list(engine.score(plan, chunks, query, keys))`, including the
     query's b − 1 baby rotations.
     """
-    engine = ScoringEngine(params)
+    engine = Engine(params)
     plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count)
     chunks = engine.encode_catalog(plan, workload.catalog)
     secret = secret_context(params)
@@ -273,7 +273,7 @@ def pool_memory_bytes(dimension: int, items: int, params: CkksParameters = PARAM
 
 
 def pool_setup(workload: Workload, workers: int, params: CkksParameters = PARAMS) -> Runner:
-    """A Scorer over a `ProcessBackend` of `workers` processes, the catalog encoded in them.
+    """A Scorer over a `PoolBackend` of `workers` processes, the catalog encoded in them.
 
     The timed call is `list(scorer.score(key_id, ..., complex_scores=True))`: the
     query loaded and checked, sent to every worker, each shard scored, the results
@@ -281,7 +281,7 @@ def pool_setup(workload: Workload, workers: int, params: CkksParameters = PARAMS
     are registered and shipped to the workers (by the warm-up call) outside the
     timing. `close()` stops the workers.
     """
-    backend = ProcessBackend(params, workers=workers)
+    backend = PoolBackend(params, workers=workers)
     try:
         catalog = Catalog(CATALOG, np.array(workload.catalog), item_ids(workload.items))
         scorer = Scorer(params, [catalog], backend=backend)
@@ -397,7 +397,7 @@ register(
     Method(
         name="engine",
         role="subject",
-        description="heserve ScoringEngine: BSGS diagonals encoded once, one query",
+        description="heserve Engine: BSGS diagonals encoded once, one query",
         setup=engine_setup,
         memory_bytes=engine_memory_bytes,
     )
@@ -422,7 +422,7 @@ def _register_presets() -> None:
         return Method(
             name=f"engine-{preset}",
             role="subject",
-            description=f"heserve ScoringEngine under the {preset!r} preset",
+            description=f"heserve Engine under the {preset!r} preset",
             setup=setup,
             memory_bytes=memory_bytes,
             max_abs_error=tolerances.get(preset, 1e-2),
@@ -440,7 +440,7 @@ for _workers in (1, 2):
             name=f"engine-pool-{_workers}",
             role="subject",
             description=(
-                f"Scorer over a ProcessBackend of {_workers} worker process"
+                f"Scorer over a PoolBackend of {_workers} worker process"
                 f"{'es' if _workers > 1 else ''}, complex scores, generator consumed"
             ),
             setup=functools.partial(pool_setup, workers=_workers),

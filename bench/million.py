@@ -4,7 +4,7 @@
                             [--items 1000000] [--dimension 128] [--queries 3]
 
 The server runs in a subprocess (this module with `--serve`), so that its memory
-is its own: a `Scorer` over a `ProcessBackend` of `--workers` worker processes,
+is its own: a `Scorer` over a `PoolBackend` of `--workers` worker processes,
 serving a catalog of unit-norm rows (the harness's deterministic catalog) that
 is encoded once at start-up (the encode time is reported). This process is the
 client: one `heserve_client.Client`, which registers its keys, fetches the item
@@ -52,7 +52,7 @@ TOP_K = 10
 
 def serve(preset: str, workers: int, items: int, dimension: int) -> int:
     """The server side: encode, listen on a free port, report it, serve until stdin closes."""
-    from heserve.backends.pool import ProcessBackend
+    from heserve.backends.pool import PoolBackend
     from heserve.domain.catalog import Catalog
     from heserve.domain.scorer import Scorer
     from heserve.transport.server import start_server
@@ -62,7 +62,7 @@ def serve(preset: str, workers: int, items: int, dimension: int) -> int:
     rows = unit_vectors(items, dimension, CATALOG_SEED + dimension)
     catalog = Catalog(CATALOG, rows, item_ids(items))
     catalog_seconds = time.perf_counter() - started
-    backend = ProcessBackend(params, workers=workers)
+    backend = PoolBackend(params, workers=workers)
     try:
         started = time.perf_counter()
         scorer = Scorer(params, [catalog], backend=backend)

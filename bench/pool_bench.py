@@ -37,7 +37,7 @@ from bench.methods import (
 )
 from bench.report import _table
 from bench.results import save_run
-from heserve.he.engine import EncodedChunk, ScoringEngine
+from heserve.he.engine import EncodedChunk, Engine
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
@@ -52,7 +52,7 @@ def split_seconds(
 ) -> tuple[float, float, int, int]:
     """(baby rotations s, one shard's chunks s, baby step, chunks per shard), medians,
     in this process, for the plan a `shards`-way backend uses."""
-    engine = ScoringEngine(params)
+    engine = Engine(params)
     plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count, shards)
     per_shard = -(-workload.items // plan.items_per_chunk // shards) * plan.items_per_chunk
     rows = workload.catalog[: min(workload.items, per_shard)]

@@ -17,7 +17,7 @@ import numpy as np
 
 from heserve.domain.catalog import unit_rows
 from heserve.domain.protection import NoiseAdder, ScoreProtection
-from heserve.he.engine import ScoringEngine
+from heserve.he.engine import Engine
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS
@@ -47,7 +47,7 @@ def measure(
 ) -> PresetPrecision:
     """Score `queries` random unit vectors against one random unit-norm catalog."""
     params = PRESETS[preset]
-    engine = ScoringEngine(params)
+    engine = Engine(params)
     plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count)
     catalog = unit_rows(items, dimension, seed)
     chunks = engine.encode_catalog(plan, catalog)

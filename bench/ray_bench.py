@@ -5,7 +5,7 @@
 
 One catalog (d = 128, 65,536 unit-norm rows by default) is served, twice:
 
-- `cluster` pass: `heserve.backends.pool.ProcessBackend` with 2 worker processes
+- `cluster` pass: `heserve.backends.pool.PoolBackend` with 2 worker processes
   ("pool") beside `heserve.backends.ray_cluster.RayBackend` on a local
   `ray.cluster_utils.Cluster` of two nodes of 1 CPU each (two raylets and two
   object stores on loopback: keys and rows cross between nodes as on a real
@@ -59,8 +59,8 @@ from bench.methods import (
 )
 from bench.report import _table
 from bench.results import save_run
-from heserve.backends.base import ScoringBackend
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.base import Backend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.errors import UnavailableError
 from heserve.domain.scorer import ScoredRun, Scorer
@@ -163,12 +163,12 @@ def ray_cluster(mode: str) -> Iterator[tuple[str, float]]:
             ray.shutdown()
 
 
-def kill_pool_worker(backend: ScoringBackend) -> None:
-    assert isinstance(backend, ProcessBackend)
+def kill_pool_worker(backend: Backend) -> None:
+    assert isinstance(backend, PoolBackend)
     os.kill(backend._workers[1].process.pid or 0, signal.SIGKILL)
 
 
-def kill_ray_actor(backend: ScoringBackend) -> None:
+def kill_ray_actor(backend: Backend) -> None:
     import ray
 
     from heserve.backends.ray_cluster import RayBackend
@@ -223,7 +223,7 @@ def key_shipping(
 
 def restart(
     scorer: Scorer,
-    kill: Callable[[ScoringBackend], None],
+    kill: Callable[[Backend], None],
     key_id: str,
     query: bytes,
 ) -> tuple[float, int, float, list[ScoredRun]]:
@@ -247,8 +247,8 @@ class Served:
     """One backend set up: its Scorers, a registered key, a query, and what it took."""
 
     name: str
-    backend: ScoringBackend
-    kill: Callable[[ScoringBackend], None]
+    backend: Backend
+    kill: Callable[[Backend], None]
     scorer: Scorer
     small_scorer: Scorer
     small: Workload
@@ -262,8 +262,8 @@ class Served:
 
 def serve(
     name: str,
-    make_backend: Callable[[], ScoringBackend],
-    kill: Callable[[ScoringBackend], None],
+    make_backend: Callable[[], Backend],
+    kill: Callable[[Backend], None],
     params: CkksParameters,
     workload: Workload,
 ) -> Served:
@@ -356,7 +356,7 @@ def _paired_ratio(samples: list[float], reference: list[float]) -> float:
 
 def measure_pass(
     run: str,
-    backends: list[tuple[str, Callable[[], ScoringBackend], Callable[[ScoringBackend], None]]],
+    backends: list[tuple[str, Callable[[], Backend], Callable[[Backend], None]]],
     params: CkksParameters,
     workload: Workload,
     queries: int,
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = measure_pass(
                 mode,
                 [
-                    ("pool", lambda: ProcessBackend(params, workers=SHARDS), kill_pool_worker),
+                    ("pool", lambda: PoolBackend(params, workers=SHARDS), kill_pool_worker),
                     (f"ray-{mode}", lambda: RayBackend(params, shards=SHARDS), kill_ray_actor),
                 ],
                 params,
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.queries,
                 grpc=not args.no_grpc,
             )
-        measured[0].notes.append(f"ProcessBackend({SHARDS} workers), Ray idle beside it")
+        measured[0].notes.append(f"PoolBackend({SHARDS} workers), Ray idle beside it")
         measured[1].notes.append(where)
         measured[1].ray_start_seconds = ray_start
         records += measured

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from heserve.domain.catalog import Catalog, unit_rows
-from heserve.domain.scorer import KeyRetention, Scorer
+from heserve.domain.scorer import KeyRetentionPolicy, Scorer
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -40,7 +40,7 @@ def films() -> Catalog:
 
 @pytest.fixture(scope="session")
 def scorer(books: Catalog, films: Catalog) -> Scorer:
-    return Scorer(DEFAULT_PARAMETERS, [books, films], retention=KeyRetention(ttl_seconds=600))
+    return Scorer(DEFAULT_PARAMETERS, [books, films], retention=KeyRetentionPolicy(ttl_seconds=600))
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import make_catalog
 
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import Scorer
 from heserve.protocol import wire as wire_format
@@ -250,9 +250,9 @@ def pool_catalog() -> Catalog:
 
 
 @pytest.fixture(scope="module")
-def pool(pool_catalog: Catalog) -> Iterator[tuple[RunningServer, ProcessBackend]]:
+def pool(pool_catalog: Catalog) -> Iterator[tuple[RunningServer, PoolBackend]]:
     """A server on the default backend: a pool of two worker processes."""
-    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
+    backend = PoolBackend(DEFAULT_PARAMETERS, workers=2)
     try:
         server = start_server(Scorer(DEFAULT_PARAMETERS, [pool_catalog], backend=backend), port=0)
         yield server, backend
@@ -268,11 +268,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _workers_cpu(backend: ProcessBackend) -> float:
+def _workers_cpu(backend: PoolBackend) -> float:
     return sum(_cpu_seconds(worker.process.pid or 0) for worker in backend._workers)
 
 
-def _settled_workers_cpu(backend: ProcessBackend) -> float:
+def _settled_workers_cpu(backend: PoolBackend) -> float:
     """The workers' CPU time once they have been idle for a while."""
     last = _workers_cpu(backend)
     deadline = time.monotonic() + TIMEOUT
@@ -286,7 +286,7 @@ def _settled_workers_cpu(backend: ProcessBackend) -> float:
 
 
 def test_workers_stop_computing_a_query_the_client_hung_up_on(
-    pool: tuple[RunningServer, ProcessBackend],
+    pool: tuple[RunningServer, PoolBackend],
     pool_catalog: Catalog,
     party: SecretContext,
     monkeypatch: pytest.MonkeyPatch,
@@ -333,7 +333,7 @@ def test_workers_stop_computing_a_query_the_client_hung_up_on(
 
 
 def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds(
-    pool: tuple[RunningServer, ProcessBackend], pool_catalog: Catalog
+    pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
 ) -> None:
     server, backend = pool
     vector = unit_rows(1, POOL_DIMENSION, seed=66)[0]
@@ -360,7 +360,7 @@ def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds
 
 
 def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replaced(
-    pool: tuple[RunningServer, ProcessBackend], pool_catalog: Catalog
+    pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
 ) -> None:
     server, backend = pool
     vector = unit_rows(1, POOL_DIMENSION, seed=67)[0]

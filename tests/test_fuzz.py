@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from heserve.domain.catalog import Catalog, unit_rows
-from heserve.domain.scorer import KeyRetention, Limits, Scorer
+from heserve.domain.scorer import KeyRetentionPolicy, Scorer, SizeLimits
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.slots import query_slots
@@ -112,8 +112,8 @@ def _scorer() -> Scorer:
     return Scorer(
         DEFAULT_PARAMETERS,
         catalogs,
-        limits=Limits(max_item_ids=MAX_ITEM_IDS, max_page_size=MAX_PAGE_SIZE),
-        retention=KeyRetention(max_keys=16),
+        limits=SizeLimits(max_item_ids=MAX_ITEM_IDS, max_page_size=MAX_PAGE_SIZE),
+        retention=KeyRetentionPolicy(max_keys=16),
     )
 
 

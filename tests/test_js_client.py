@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.scorer import Scorer
 from heserve.protocol.params import DEFAULT_PARAMETERS
@@ -122,7 +122,7 @@ def test_js_client_top_10_equals_plaintext(
 @pytest.fixture(scope="module")
 def pool_target(books: Catalog) -> Iterator[str]:
     """A server scoring on a pool of worker processes, which reload the uploads."""
-    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
+    backend = PoolBackend(DEFAULT_PARAMETERS, workers=2)
     running = start_server(Scorer(DEFAULT_PARAMETERS, [books], backend=backend), "127.0.0.1", 0)
     yield f"127.0.0.1:{running.port}"
     running.stop(grace=None)

@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.keystore import KeyStore, KeyTooLargeError
-from heserve.domain.scorer import KeyRetention, Scorer
+from heserve.domain.scorer import KeyRetentionPolicy, Scorer
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.reasons import KEY_NOT_FOUND
 from heserve.protocol.slots import query_slots, unpack_complex
@@ -195,7 +195,7 @@ def test_client_re_registers_after_keys_are_deleted_behind_its_back(
 
 @pytest.fixture(scope="module")
 def short_ttl(films: Catalog) -> Iterator[tuple[Scorer, str]]:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetention(ttl_seconds=1))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetentionPolicy(ttl_seconds=1))
     running = serve(scorer)
     yield scorer, f"127.0.0.1:{running.port}"
     running.stop(grace=None)
@@ -248,7 +248,7 @@ def test_expired_key_gives_key_not_found(
 def test_least_recently_used_keys_are_evicted_when_the_store_is_full(
     secret: SecretContext, films: Catalog, films_user: FloatArray
 ) -> None:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetention(max_keys=2))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetentionPolicy(max_keys=2))
     running = serve(scorer)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -278,7 +278,7 @@ def test_least_recently_used_keys_are_evicted_when_the_store_is_full(
 def test_keys_larger_than_the_whole_store_are_exhausted(
     secret: SecretContext, films: Catalog
 ) -> None:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetention(max_bytes=1 << 20))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetentionPolicy(max_bytes=1 << 20))
     running = serve(scorer)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -26,9 +26,9 @@ import pytest
 from conftest import make_catalog
 from prometheus_client.parser import text_string_to_metric_families
 
-from heserve.backends.base import ScoringBackend
+from heserve.backends.base import Backend
 from heserve.domain.catalog import Catalog, unit_rows
-from heserve.domain.scorer import Limits, Scorer
+from heserve.domain.scorer import Scorer, SizeLimits
 from heserve.ops import config
 from heserve.ops.cli import build_parser
 from heserve.ops.logs import JsonFormatter, KeyValueFormatter
@@ -234,9 +234,7 @@ class _Context:
         raise AssertionError(f"unexpected abort {status}")
 
 
-def _counting(
-    monkeypatch: pytest.MonkeyPatch, backend: ScoringBackend, produced: list[int]
-) -> None:
+def _counting(monkeypatch: pytest.MonkeyPatch, backend: Backend, produced: list[int]) -> None:
     """Count the score ciphertexts the backend computes."""
     score = backend.score
 
@@ -386,12 +384,12 @@ def test_message_limits_are_enforced_reported_and_followed_by_the_client(
     servers: list[RunningServer], shop: Catalog
 ) -> None:
     small = start_server(
-        Scorer(DEFAULT_PARAMETERS, [shop], limits=Limits(max_message_bytes=3 << 20)),
+        Scorer(DEFAULT_PARAMETERS, [shop], limits=SizeLimits(max_message_bytes=3 << 20)),
         "127.0.0.1",
         0,
     )
     large = start_server(
-        Scorer(DEFAULT_PARAMETERS, [shop], limits=Limits(max_message_bytes=40 << 20)),
+        Scorer(DEFAULT_PARAMETERS, [shop], limits=SizeLimits(max_message_bytes=40 << 20)),
         "127.0.0.1",
         0,
     )

@@ -25,7 +25,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from heserve.domain.catalog import Catalog, unit_rows
-from heserve.domain.scorer import Limits, Scorer
+from heserve.domain.scorer import Scorer, SizeLimits
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
 from heserve.protocol.reasons import ERROR_DOMAIN, KEY_NOT_FOUND
@@ -460,7 +460,7 @@ def test_registering_the_same_bytes_twice_returns_the_same_key_id(
 
 @pytest.fixture(scope="module")
 def small_key_limit_server(films: Catalog) -> Iterator[RunningServer]:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=Limits(max_key_bytes=256 << 10))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=SizeLimits(max_key_bytes=256 << 10))
     running = start_server(scorer, "127.0.0.1", 0)
     yield running
     running.stop(grace=None)
@@ -525,7 +525,7 @@ def test_more_item_ids_than_the_limit_are_exhausted(
 
 @pytest.fixture(scope="module")
 def few_ids_server(films: Catalog) -> Iterator[RunningServer]:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=Limits(max_item_ids=3))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=SizeLimits(max_item_ids=3))
     running = start_server(scorer, "127.0.0.1", 0)
     yield running
     running.stop(grace=None)

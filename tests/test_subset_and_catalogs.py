@@ -16,7 +16,7 @@ import numpy.typing as npt
 import pytest
 
 from heserve.domain.catalog import MAX_ROW_NORM, Catalog, CatalogError, load_catalog, unit_rows
-from heserve.domain.scorer import Limits, Scorer
+from heserve.domain.scorer import Scorer, SizeLimits
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.transport.server import RunningServer, start_server
@@ -390,7 +390,7 @@ def test_list_items_of_an_unknown_catalog_is_not_found(stub: pb_grpc.ScoringServ
 
 @pytest.fixture(scope="module")
 def small_pages(films: Catalog) -> Iterator[RunningServer]:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=Limits(max_page_size=16))
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=SizeLimits(max_page_size=16))
     running = start_server(scorer, "127.0.0.1", 0)
     yield running
     running.stop(grace=None)
@@ -493,7 +493,7 @@ def test_server_info_reports_the_servers_limits(small_pages: RunningServer) -> N
             pb.GetServerInfoRequest(), timeout=TIMEOUT
         )
 
-    defaults = Limits()
+    defaults = SizeLimits()
     assert info.limits.max_page_size == 16
     assert info.limits.max_key_chunk_bytes == defaults.max_key_chunk_bytes
     assert info.limits.max_key_bytes == defaults.max_key_bytes

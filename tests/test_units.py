@@ -16,7 +16,7 @@ import pytest
 import tenseal.sealapi as seal
 import zstandard
 
-from heserve.he.engine import ScoringEngine, ScoringError
+from heserve.he.engine import Engine, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import (
@@ -592,7 +592,7 @@ TOLERANCE = {"precise": 1e-4, "fast": 1e-3, "compact": 4e-3}
 
 @dataclass
 class Scoring:
-    engine: ScoringEngine
+    engine: Engine
     keys: Keys
     tolerance: float
 
@@ -605,11 +605,11 @@ class Scoring:
 def scoring(request: pytest.FixtureRequest) -> Scoring:
     name: str = request.param
     params = PRESETS[name]
-    return Scoring(ScoringEngine(params), Keys(params), TOLERANCE[name])
+    return Scoring(Engine(params), Keys(params), TOLERANCE[name])
 
 
 def encrypted_outputs(
-    engine: ScoringEngine,
+    engine: Engine,
     keys: Keys,
     plan: DiagonalPlan,
     rows: FloatArray,
@@ -633,7 +633,7 @@ def encrypted_outputs(
 
 
 def encrypted_scores(
-    engine: ScoringEngine, keys: Keys, plan: DiagonalPlan, rows: FloatArray, u: FloatArray
+    engine: Engine, keys: Keys, plan: DiagonalPlan, rows: FloatArray, u: FloatArray
 ) -> FloatArray:
     outputs = encrypted_outputs(engine, keys, plan, rows, u)
     parts = [unpack_complex(keys.decrypt_complex(out), count) for count, out in outputs]
@@ -765,14 +765,14 @@ def test_split_complex_gives_the_two_halves_as_real_slots(scoring: Scoring) -> N
 def test_an_all_zero_chunk_is_refused(scoring: Scoring) -> None:
     engine, slots = scoring.engine, scoring.slots
     plan = DiagonalPlan.for_catalog(100, 5, slots)
-    with pytest.raises(ScoringError):
+    with pytest.raises(QueryError):
         engine.encode_rows(plan, np.zeros((5, 100)))
-    with pytest.raises(ScoringError):
+    with pytest.raises(QueryError):
         engine.encode_rows(plan, np.zeros((2 * slots, 100)))  # a full chunk of zero rows
     half = np.zeros((2 * slots, 100))
     half[slots, 0] = 1.0  # one row in the imaginary parts: not all zero
     assert engine.encode_rows(plan, half).row_count == 2 * slots
     rows = np.zeros((2 * slots + 5, 100))
     rows[: 2 * slots, 0] = 1.0  # the first chunk (2S rows) is fine, the second is all zero
-    with pytest.raises(ScoringError):
+    with pytest.raises(QueryError):
         engine.encode_catalog(plan, rows)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.errors import UnavailableError
 from heserve.domain.scorer import Scorer
@@ -31,7 +31,7 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="module")
 def pooled(catalog: Catalog) -> Iterator[Scorer]:
     # A memory budget of one encoded chunk per worker: the rest is encoded per query.
-    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2, memory_budget=2 * 48 * 8192 * 16 * 2)
+    backend = PoolBackend(DEFAULT_PARAMETERS, workers=2, memory_budget=2 * 48 * 8192 * 16 * 2)
     scorer = Scorer(DEFAULT_PARAMETERS, [catalog], backend=backend)
     yield scorer
     backend.close()
@@ -109,7 +109,7 @@ def test_deleted_keys_leave_the_workers(pooled: Scorer, secret: SecretContext) -
     key_id = pooled.register_keys(secret_keys(pooled, secret))
     _scores(pooled, secret, key_id, unit_rows(1, DIMENSION, 9)[0])
     backend = pooled.backend
-    assert isinstance(backend, ProcessBackend)
+    assert isinstance(backend, PoolBackend)
     assert all(key_id in worker.keys_held for worker in backend._workers)
 
     pooled.delete_keys(key_id)
@@ -124,7 +124,7 @@ def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
     # several chunks (tens of milliseconds) of the query to go.
     size = 16 * 2 * SLOTS
     large = Catalog("large", unit_rows(size, 128, 11), tuple(map(str, range(size))))
-    backend = ProcessBackend(DEFAULT_PARAMETERS, workers=2)
+    backend = PoolBackend(DEFAULT_PARAMETERS, workers=2)
     try:
         scorer = Scorer(DEFAULT_PARAMETERS, [catalog, large], backend=backend)
         key_id = scorer.register_keys(secret_keys(scorer, secret))

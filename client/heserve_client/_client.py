@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from heserve.protocol.params import CkksParameters
+from heserve.protocol.pem import PemSource, read_pem
 from heserve.protocol.reasons import KEY_NOT_FOUND
 from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.v1 import scoring_pb2 as pb
@@ -40,20 +41,10 @@ _CHANNEL_MESSAGE_BYTES = 16 << 20
 # and fails calls at once meanwhile: a client used through a server restart would stay
 # unavailable long after the server came back. A few seconds' cap keeps that short.
 _MAX_RECONNECT_BACKOFF_MS = 2000
-_MAX_PEM_BYTES = 1 << 20
-
-# A PEM file's path, or its contents.
-PemSource = str | os.PathLike[str] | bytes
 
 
 def _pem(source: PemSource | None) -> bytes | None:
-    if source is None or isinstance(source, bytes):
-        return source
-    with open(source, "rb") as file:
-        data = file.read(_MAX_PEM_BYTES + 1)
-    if len(data) > _MAX_PEM_BYTES or b"-----BEGIN " not in data:
-        raise ValueError(f"{os.fspath(source)} is not a PEM file")
-    return data
+    return None if source is None else read_pem(source)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The Scorer validates requests and owns the key store; a backend holds the
 catalogs' encoded chunks and computes. `LocalBackend` does it in this process;
-`heserve.backends.pool.ProcessBackend` spreads the chunks of each catalog over worker
+`heserve.backends.pool.PoolBackend` spreads the chunks of each catalog over worker
 processes (shard = the chunks with index ≡ shard mod shard count). Backends take
 keys and queries both as bytes (what a remote shard needs) and as loaded SEAL
 objects (what an in-process one uses), so neither is parsed twice.
@@ -62,7 +62,7 @@ class ShardBudget:
         return left
 
 
-class ScoringBackend(Protocol):
+class Backend(Protocol):
     """Holds encoded catalogs and scores queries against them."""
 
     shard_count: int

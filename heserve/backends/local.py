@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import tenseal.sealapi as seal
 
 from heserve.backends.base import Sealed, ShardBudget
-from heserve.he.engine import Chunk, Progress, ScoringEngine
+from heserve.he.engine import Chunk, Engine, Progress
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
@@ -23,7 +23,7 @@ class LocalBackend:
     shard_count = 1
 
     def __init__(self, params: CkksParameters, memory_budget: int | None = None) -> None:
-        self.engine = ScoringEngine(params)
+        self.engine = Engine(params)
         self._budget = ShardBudget(memory_budget, 1)
         self._catalogs: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
 

@@ -31,7 +31,7 @@ from typing import Any
 import tenseal.sealapi as seal
 
 from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.he.engine import Chunk, Progress, ScoringEngine, ScoringError
+from heserve.he.engine import Chunk, Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
@@ -53,7 +53,7 @@ def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_
     `cancelled`, shared with the front, names the last query the front gave up on
     (its caller hung up or ran out of time): the worker stops it at the next chunk.
     """
-    engine = ScoringEngine(params)
+    engine = Engine(params)
     shards: dict[str, tuple[DiagonalPlan, list[int], list[Chunk]]] = {}
     keys: dict[str, seal.GaloisKeys] = {}
     while True:
@@ -84,7 +84,7 @@ def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_
                 keys.pop(message[2], None)
             elif kind == "stop":
                 return
-        except (ScoringError, wire.SerializationError, KeyError, ValueError) as exc:
+        except (QueryError, wire.SerializationError, KeyError, ValueError) as exc:
             conn.send(("error", request_id, f"{type(exc).__name__}: {exc}"))
 
 
@@ -114,7 +114,7 @@ class _CatalogSpec:
     budget: int | None
 
 
-class ProcessBackend:
+class PoolBackend:
     """Catalog shards in `workers` processes (default: one per core).
 
     A worker that dies fails the requests it held (ShardUnavailableError, which
@@ -215,7 +215,7 @@ class ProcessBackend:
         if message[0] == "crashed":
             raise ShardUnavailableError(f"worker {message[2]} died during the request")
         if message[0] == "error":
-            raise ScoringError(message[2])
+            raise QueryError(message[2])
         return message
 
     def _load_shards(

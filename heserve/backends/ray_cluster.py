@@ -28,7 +28,7 @@ import ray.exceptions
 import tenseal.sealapi as seal
 
 from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.he.engine import Chunk, Progress, ScoringEngine, ScoringError
+from heserve.he.engine import Chunk, Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
@@ -49,7 +49,7 @@ class ShardActor:
     """One shard of every catalog, encoded once, plus the keys it was sent."""
 
     def __init__(self, params: CkksParameters) -> None:
-        self._engine = ScoringEngine(params)
+        self._engine = Engine(params)
         self._shards: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
         self._keys: dict[str, seal.GaloisKeys] = {}
 
@@ -174,7 +174,7 @@ class RayBackend:
             raise ShardUnavailableError(f"a Ray shard failed during the query: {exc}") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            raise ScoringError(str(cause)) from None
+            raise QueryError(str(cause)) from None
 
     def _wait_for_actors(self) -> None:
         """Until every actor answers: Ray refuses tasks while it restarts one."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as seal
 
-from heserve.backends.base import ScoringBackend, Sealed, ShardUnavailableError
+from heserve.backends.base import Backend, Sealed, ShardUnavailableError
 from heserve.backends.local import LocalBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.errors import (
@@ -28,7 +28,7 @@ from heserve.domain.errors import (
 )
 from heserve.domain.keystore import KeyStore, KeyTooLargeError
 from heserve.domain.protection import NoiseAdder, ScoreProtection
-from heserve.he.engine import Progress, ScoringEngine, ScoringError
+from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import PRESETS, CkksParameters
@@ -42,7 +42,7 @@ _OWN_RESULT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
-class Limits:
+class SizeLimits:
     """Sizes the server reads from the network, each bounded before allocation."""
 
     max_message_bytes: int = 4 << 20
@@ -53,7 +53,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class KeyRetention:
+class KeyRetentionPolicy:
     """How many keys the server holds, and for how long without use."""
 
     ttl_seconds: int = 3600
@@ -91,10 +91,10 @@ class Scorer:
         self,
         params: CkksParameters,
         catalogs: Iterable[Catalog],
-        limits: Limits | None = None,
-        retention: KeyRetention | None = None,
+        limits: SizeLimits | None = None,
+        retention: KeyRetentionPolicy | None = None,
         progress: Progress | None = None,
-        backend: ScoringBackend | None = None,
+        backend: Backend | None = None,
         protection: ScoreProtection | None = None,
     ) -> None:
         self.params = params
@@ -102,10 +102,10 @@ class Scorer:
         self.protection = protection or ScoreProtection()
         self._noise = NoiseAdder(params, self.preset, self.protection)
         self._conjugation = wire.galois_element(CONJUGATION_STEP, params.poly_modulus_degree)
-        self.limits = limits or Limits()
-        self.retention = retention or KeyRetention()
-        self.engine = ScoringEngine(params)
-        self.backend: ScoringBackend = backend or LocalBackend(params)
+        self.limits = limits or SizeLimits()
+        self.retention = retention or KeyRetentionPolicy()
+        self.engine = Engine(params)
+        self.backend: Backend = backend or LocalBackend(params)
         self.keys: KeyStore[Sealed[seal.GaloisKeys]] = KeyStore(
             self.retention.max_keys,
             self.retention.max_bytes,
@@ -139,8 +139,7 @@ class Scorer:
     @property
     def max_query_bytes(self) -> int:
         """An unseeded, uncompressed top-level ciphertext plus slack for its header."""
-        data_primes = len(self.params.coeff_modulus_bits) - 1
-        return 2 * self.params.poly_modulus_degree * data_primes * 8 + 4096
+        return 2 * self.params.poly_modulus_degree * self.params.data_prime_count * 8 + 4096
 
     def catalog(self, name: str) -> ServedCatalog:
         entry = self.catalogs.get(name)
@@ -245,7 +244,7 @@ class Scorer:
                         break  # the imaginary half of a last chunk with S items or fewer
                     yield ScoredRun(part, offset, min(per_response, count - offset), index, total)
                     index += 1
-        except ScoringError as exc:
+        except QueryError as exc:
             raise InvalidArgumentError(str(exc)) from None
         except ShardUnavailableError as exc:
             raise UnavailableError(f"{exc}; retry the query") from None
@@ -281,7 +280,7 @@ class Scorer:
             self.engine.check_query(ciphertext)
         except wire.PayloadTooLargeError as exc:
             raise ResourceExhaustedError(f"query too large: {exc}") from None
-        except (wire.SerializationError, ScoringError) as exc:
+        except (wire.SerializationError, QueryError) as exc:
             raise InvalidArgumentError(
                 f"query is not a valid ciphertext for this server: {exc}"
             ) from None

@@ -22,7 +22,7 @@ Progress = Callable[[int, int], None]
 """Called as progress(done, total) while long work runs."""
 
 
-class ScoringError(ValueError):
+class QueryError(ValueError):
     """A query the engine cannot score (wrong level, scale, size or transparent)."""
 
 
@@ -40,11 +40,10 @@ Chunk = EncodedChunk | FloatArray
 
 def encoded_chunk_bytes(params: CkksParameters, plan: DiagonalPlan) -> int:
     """Memory one encoded chunk takes: d' plaintexts of N coefficients per data prime."""
-    data_primes = len(params.coeff_modulus_bits) - 1
-    return plan.padded_dimension * params.poly_modulus_degree * data_primes * 8
+    return plan.padded_dimension * params.poly_modulus_degree * params.data_prime_count * 8
 
 
-class ScoringEngine:
+class Engine:
     """Encodes catalogs and scores encrypted queries under one set of parameters."""
 
     def __init__(self, params: CkksParameters) -> None:
@@ -73,7 +72,7 @@ class ScoringEngine:
                 continue
             diagonals.append(plaintext)
         if all(d is None for d in diagonals):
-            raise ScoringError(
+            raise QueryError(
                 "every embedding in this chunk is zero; an all-zero chunk cannot be scored "
                 "without a transparent (unencrypted) result"
             )
@@ -116,15 +115,15 @@ class ScoringEngine:
     def check_query(self, query: seal.Ciphertext) -> None:
         """Refuse a ciphertext this engine cannot score correctly."""
         if query.parms_id() != self._query_parms_id:
-            raise ScoringError("query is not at the top data level of the server's parameters")
+            raise QueryError("query is not at the top data level of the server's parameters")
         if query.size() != 2:
-            raise ScoringError(f"query must have size 2, got {query.size()}")
+            raise QueryError(f"query must have size 2, got {query.size()}")
         if not query.is_ntt_form():
-            raise ScoringError("query must be in NTT form")
+            raise QueryError("query must be in NTT form")
         if query.is_transparent():
-            raise ScoringError("query is transparent (not encrypted)")
+            raise QueryError("query is transparent (not encrypted)")
         if abs(query.scale / self.params.scale - 1) > 1e-6:
-            raise ScoringError(f"query scale must be 2^{self.params.scale_bits}")
+            raise QueryError(f"query scale must be 2^{self.params.scale_bits}")
 
     def baby_rotations(
         self, plan: DiagonalPlan, query: seal.Ciphertext, keys: seal.GaloisKeys

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from heserve import __version__
-from heserve.backends.base import ScoringBackend
+from heserve.backends.base import Backend
 from heserve.backends.local import LocalBackend
-from heserve.backends.pool import ProcessBackend
+from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
 from heserve.domain.protection import ScoreProtection
-from heserve.domain.scorer import KeyRetention, Limits, Scorer
+from heserve.domain.scorer import KeyRetentionPolicy, Scorer, SizeLimits
 from heserve.ops import config, logs
 from heserve.ops.progress import ProgressBar
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
@@ -27,13 +27,6 @@ from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
 
 log = logging.getLogger("heserve")
-
-
-def _name_value(text: str) -> tuple[str, Path]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, Path(value)
 
 
 def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> list[Catalog]:
@@ -46,9 +39,7 @@ def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> lis
     return [load_catalog(name, path, ids_by_name.get(name)) for name, path in specs]
 
 
-def _backend(
-    args: argparse.Namespace | config.ServeConfig, params: CkksParameters
-) -> ScoringBackend:
+def _backend(args: argparse.Namespace | config.ServeConfig, params: CkksParameters) -> Backend:
     budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
     if getattr(args, "backend", "process") == "ray":
         try:
@@ -60,15 +51,15 @@ def _backend(
         return RayBackend(params, args.ray_address, args.workers or None, budget)
     if args.workers == 0:
         return LocalBackend(params, budget)
-    return ProcessBackend(params, args.workers, budget)
+    return PoolBackend(params, args.workers, budget)
 
 
 def _scorer(
     catalogs: list[Catalog],
-    retention: KeyRetention,
+    retention: KeyRetentionPolicy,
     params: CkksParameters,
-    backend: ScoringBackend,
-    limits: Limits | None = None,
+    backend: Backend,
+    limits: SizeLimits | None = None,
     protection: ScoreProtection | None = None,
 ) -> Scorer:
     bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
@@ -107,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else None
     )
     catalogs = _catalogs(list(settings.catalog), list(settings.ids))
-    retention = KeyRetention(
+    retention = KeyRetentionPolicy(
         ttl_seconds=settings.key_ttl,
         max_keys=settings.max_keys,
         max_bytes=settings.max_key_store_bytes,
@@ -115,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     params = PRESETS[settings.preset]
     backend = _backend(settings, params)
     try:
-        limits = Limits(max_message_bytes=settings.max_message_bytes)
+        limits = SizeLimits(max_message_bytes=settings.max_message_bytes)
         protection = ScoreProtection(settings.flood_bits, settings.score_noise_std)
         scorer = _scorer(catalogs, retention, params, backend, limits, protection)
         running = start_server(
@@ -191,16 +182,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from heserve_client import Client
 
     vector = np.load(args.vector, allow_pickle=False)
-    with _client_errors(), Client(
-        args.server,
-        key_file=args.key_file,
-        token=_client_token(args.token_file),
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name,
-    ) as client:
+    with (
+        _client_errors(),
+        Client(
+            args.server,
+            key_file=args.key_file,
+            token=_client_token(args.token_file),
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+        ) as client,
+    ):
         _print_ranking(client.recommend(vector, catalog=args.catalog, k=args.k))
     return 0
 
@@ -216,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = PRESETS[args.preset]
     backend = _backend(args, params)
     started = time.perf_counter()
-    scorer = _scorer([catalog], KeyRetention(), params, backend)
+    scorer = _scorer([catalog], KeyRetentionPolicy(), params, backend)
     encode_seconds = time.perf_counter() - started
     running = start_server(scorer, "127.0.0.1", 0)
     user = unit_rows(1, args.dimension, seed=args.seed)[0]

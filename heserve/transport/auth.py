@@ -125,10 +125,6 @@ class Authenticator:
     def __len__(self) -> int:
         return len(self._callers)
 
-    @property
-    def names(self) -> list[str]:
-        return sorted({caller.name for caller in self._callers.values()})
-
     def authenticate(self, metadata: Mapping[str, str]) -> Caller | None:
         """The caller whose token is in `authorization: Bearer ...`, or None."""
         scheme, _, token = metadata.get("authorization", "").strip().partition(" ")

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from heserve.domain.scorer import Scorer
+from heserve.protocol.pem import read_pem
 from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.interceptors import CallInterceptor
 from heserve.transport.metrics import Metrics
@@ -25,7 +26,6 @@ from heserve.transport.servicer import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-_MAX_PEM_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TlsConfig:
     @classmethod
     def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> TlsConfig:
         return cls(
-            _read_pem(cert), _read_pem(key), None if client_ca is None else _read_pem(client_ca)
+            read_pem(cert), read_pem(key), None if client_ca is None else read_pem(client_ca)
         )
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -49,17 +49,6 @@ class TlsConfig:
             root_certificates=self.client_ca,
             require_client_auth=self.client_ca is not None,
         )
-
-
-def _read_pem(path: Path) -> bytes:
-    try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_PEM_BYTES + 1)
-    except OSError as exc:
-        raise OSError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > _MAX_PEM_BYTES or b"-----BEGIN " not in data:
-        raise ValueError(f"{path} is not a PEM file")
-    return data
 
 
 @dataclass
