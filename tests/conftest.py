@@ -1,16 +1,21 @@
-"""Shared fixtures: a real heserve server on loopback, and clients of it."""
+"""Shared fixtures and helpers: a real heserve server on loopback, clients of it, and a
+real SEAL key pair for the layer tests (protocol, he) that work below the client."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
+import tenseal.sealapi as seal
 
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import KeyRetentionPolicy, Scorer
-from heserve.protocol.params import DEFAULT_PARAMETERS
+from heserve.protocol import wire
+from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
+from heserve.protocol.slots import ComplexArray, FloatArray
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, SecretContext
@@ -20,6 +25,50 @@ from heserve_client import Client, SecretContext
 # dimension that is not a power of two.
 BOOKS_ITEMS = 5_000
 BOOKS_DIMENSION = 100
+
+Slots = TypeVar("Slots", FloatArray, ComplexArray)
+
+
+def rot(vector: Slots, steps: int) -> Slots:
+    """CKKS rotate_vector by `steps` (positive = left), in numpy."""
+    result: Slots = np.roll(vector, -steps)
+    return result
+
+
+class Keys:
+    """A real key pair under the default parameters, and helpers to use it."""
+
+    def __init__(self, params: CkksParameters = DEFAULT_PARAMETERS) -> None:
+        self.params = params
+        self.context = params.seal_context()
+        self.generator = seal.KeyGenerator(self.context)
+        self.secret_key = self.generator.secret_key()
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.encryptor = seal.Encryptor(self.context, self.secret_key)
+        self.decryptor = seal.Decryptor(self.context, self.secret_key)
+
+    def encrypt(self, values: FloatArray) -> seal.Ciphertext:
+        plaintext = seal.Plaintext()
+        self.encoder.encode(values.tolist(), self.params.scale, plaintext)
+        ciphertext = seal.Ciphertext()
+        self.encryptor.encrypt_symmetric(plaintext, ciphertext)
+        return ciphertext
+
+    def decrypt(self, ciphertext: seal.Ciphertext) -> FloatArray:
+        plaintext = seal.Plaintext()
+        self.decryptor.decrypt(ciphertext, plaintext)
+        return np.asarray(self.encoder.decode_double(plaintext), dtype=np.float64)
+
+    def decrypt_complex(self, ciphertext: seal.Ciphertext) -> ComplexArray:
+        plaintext = seal.Plaintext()
+        self.decryptor.decrypt(ciphertext, plaintext)
+        return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
+
+    def galois_keys(self, steps: list[int]) -> seal.GaloisKeys:
+        keys = seal.GaloisKeys()
+        elements = [wire.galois_element(s, self.params.poly_modulus_degree) for s in steps]
+        self.generator.create_galois_keys(elements, keys)
+        return keys
 
 
 def make_catalog(name: str, items: int, dimension: int, seed: int) -> Catalog:
