@@ -43,20 +43,22 @@ class CkksParameters(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., security_bits: _Optional[int] = ..., slot_count: _Optional[int] = ..., catalog_scale_bits: _Optional[int] = ..., preset: _Optional[str] = ...) -> None: ...
 
 class SizeLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size")
+    __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size", "max_queries_per_request")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_KEY_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERIES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_key_chunk_bytes: int
     max_key_bytes: int
     max_query_bytes: int
     max_item_ids: int
     max_page_size: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ...) -> None: ...
+    max_queries_per_request: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ..., max_queries_per_request: _Optional[int] = ...) -> None: ...
 
 class KeyRetentionPolicy(_message.Message):
     __slots__ = ("ttl_seconds", "max_keys", "max_bytes")
@@ -147,31 +149,35 @@ class DeleteKeysResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("key_id", "catalog", "query", "item_ids", "catalog_version", "complex_scores")
+    __slots__ = ("key_id", "catalog", "query", "item_ids", "catalog_version", "complex_scores", "more_queries")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPLEX_SCORES_FIELD_NUMBER: _ClassVar[int]
+    MORE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     catalog: str
     query: bytes
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     catalog_version: str
     complex_scores: bool
-    def __init__(self, key_id: _Optional[str] = ..., catalog: _Optional[str] = ..., query: _Optional[bytes] = ..., item_ids: _Optional[_Iterable[str]] = ..., catalog_version: _Optional[str] = ..., complex_scores: _Optional[bool] = ...) -> None: ...
+    more_queries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., catalog: _Optional[str] = ..., query: _Optional[bytes] = ..., item_ids: _Optional[_Iterable[str]] = ..., catalog_version: _Optional[str] = ..., complex_scores: _Optional[bool] = ..., more_queries: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "offset", "count", "chunk_index", "chunk_count")
+    __slots__ = ("scores", "offset", "count", "chunk_index", "chunk_count", "query_index")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_INDEX_FIELD_NUMBER: _ClassVar[int]
     scores: bytes
     offset: int
     count: int
     chunk_index: int
     chunk_count: int
-    def __init__(self, scores: _Optional[bytes] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    query_index: int
+    def __init__(self, scores: _Optional[bytes] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., query_index: _Optional[int] = ...) -> None: ...
