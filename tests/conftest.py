@@ -3,8 +3,9 @@ real SEAL key pair for the layer tests (protocol, he) that work below the client
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -15,8 +16,9 @@ from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import KeyRetentionPolicy, Scorer
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
-from heserve.protocol.slots import ComplexArray, FloatArray
+from heserve.protocol.slots import ComplexArray, FloatArray, unpack_complex
 from heserve.transport.server import RunningServer, start_server
+from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import Client, SecretContext
 
@@ -25,6 +27,9 @@ from heserve_client import Client, SecretContext
 # dimension that is not a power of two.
 BOOKS_ITEMS = 5_000
 BOOKS_DIMENSION = 100
+# Long enough for a scored catalog on a loaded 2-core machine; a hung call still fails.
+TIMEOUT = 60.0
+Metadata = Sequence[tuple[str, str]]
 
 Slots = TypeVar("Slots", FloatArray, ComplexArray)
 
@@ -127,3 +132,56 @@ def secret() -> SecretContext:
 def user(books: Catalog) -> np.ndarray:
     vector: np.ndarray = unit_rows(1, books.dimension, seed=99)[0]
     return vector
+
+
+@contextmanager
+def serving(scorer: Scorer, **options: Any) -> Iterator[RunningServer]:
+    """A real server for `scorer` on a free loopback port, stopped on exit."""
+    running = start_server(scorer, "127.0.0.1", 0, **options)
+    try:
+        yield running
+    finally:
+        running.stop(grace=None)
+
+
+def key_chunks(blob: bytes, size: int = 1 << 20) -> Iterator[pb.RegisterKeysRequest]:
+    """A RegisterKeys upload of `blob` in chunks of `size` bytes."""
+    for start in range(0, len(blob), size):
+        yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + size])
+
+
+def register_keys(
+    stub: pb_grpc.ScoringServiceStub, blob: bytes, size: int = 1 << 20, metadata: Metadata = ()
+) -> str:
+    """Upload serialized Galois keys through the raw stub; returns the key_id."""
+    reply = stub.RegisterKeys(key_chunks(blob, size), timeout=TIMEOUT, metadata=metadata)
+    return str(reply.key_id)
+
+
+class ScoreDecryptor(Protocol):
+    """What raw_scores needs of a key pair: heserve_client's SecretContext, or a test's own."""
+
+    def decrypt(self, blob: bytes, max_bytes: int) -> FloatArray: ...
+
+    def decrypt_complex(self, blob: bytes, max_bytes: int) -> ComplexArray: ...
+
+
+def raw_scores(
+    stub: pb_grpc.ScoringServiceStub,
+    secret: ScoreDecryptor,
+    request: pb.ScoreRequest,
+    count: int,
+    metadata: Metadata = (),
+) -> FloatArray:
+    """Score through the raw stub and decrypt each reply into its place (NaN where none came).
+
+    Complex replies hold two scores per slot (`unpack_complex`), real ones one.
+    """
+    scores = np.full(count, np.nan)
+    for reply in stub.Score(request, timeout=TIMEOUT, metadata=metadata):
+        if request.complex_scores:
+            values = unpack_complex(secret.decrypt_complex(reply.scores, 1 << 24), reply.count)
+        else:
+            values = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
+        scores[reply.offset : reply.offset + reply.count] = values
+    return scores
