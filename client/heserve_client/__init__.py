@@ -6,7 +6,8 @@ with Client("127.0.0.1:50051") as client:
     top = client.recommend(user_vector, catalog="demo", k=10)
 """
 
-from heserve_client._client import CatalogInfo, Client, TransferStats
+from heserve.protocol.convert import CatalogInfo
+from heserve_client._client import Client, TransferStats
 from heserve_client._errors import (
     HeserveError,
     InvalidRequestError,

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from heserve.protocol.convert import CatalogInfo, catalog_info_from_message, parameters_from_message
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.pem import PemSource, read_pem
 from heserve.protocol.reasons import KEY_NOT_FOUND
@@ -45,18 +46,6 @@ _MAX_RECONNECT_BACKOFF_MS = 2000
 
 def _pem(source: PemSource | None) -> bytes | None:
     return None if source is None else read_pem(source)
-
-
-@dataclass(frozen=True)
-class CatalogInfo:
-    """What the server says about one catalog."""
-
-    name: str
-    version: str
-    dimension: int
-    item_count: int
-    padded_dimension: int
-    items_per_response: int
 
 
 @dataclass
@@ -155,13 +144,7 @@ class Client:
             self.max_message_bytes = announced
             self._channel = self._open_channel()
             self._stub = pb_grpc.ScoringServiceStub(self._channel)
-        ckks = self.server_info.ckks
-        self.params = CkksParameters(
-            poly_modulus_degree=ckks.poly_modulus_degree,
-            coeff_modulus_bits=tuple(ckks.coeff_modulus_bits),
-            scale_bits=ckks.scale_bits,
-            catalog_scale_bits=ckks.catalog_scale_bits,
-        )
+        self.params: CkksParameters = parameters_from_message(self.server_info.ckks)
         self._session = _Session(self._secret_context(key_file))
         self._catalogs: dict[str, CatalogInfo] = {}
 
@@ -237,17 +220,7 @@ class Client:
         while True:
             request = pb.ListCatalogsRequest(page_token=token)
             page = self._rpc(self._stub.ListCatalogs, request)
-            infos.extend(
-                CatalogInfo(
-                    name=c.name,
-                    version=c.version,
-                    dimension=c.dimension,
-                    item_count=c.item_count,
-                    padded_dimension=c.padded_dimension,
-                    items_per_response=c.items_per_response,
-                )
-                for c in page.catalogs
-            )
+            infos.extend(catalog_info_from_message(message) for message in page.catalogs)
             token = page.next_page_token
             if not token:
                 break

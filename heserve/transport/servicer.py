@@ -22,7 +22,9 @@ from grpc_status import rpc_status
 
 from heserve import __version__
 from heserve.domain.errors import InvalidArgumentError, ResourceExhaustedError, ServiceError
-from heserve.domain.scorer import Scorer
+from heserve.domain.scorer import Scorer, ServedCatalog
+from heserve.protocol import convert
+from heserve.protocol.convert import CatalogInfo
 from heserve.protocol.reasons import ERROR_DOMAIN
 from heserve.transport.auth import check_owner
 from heserve.transport.context import current_caller
@@ -82,6 +84,19 @@ def _page(token: str, page_size: int, limit: int, total: int) -> tuple[int, int]
     return start, min(total, start + size)
 
 
+def _catalog_info(entry: ServedCatalog) -> CatalogInfo:
+    """What ListCatalogs says of a served catalog: its data, and its slot layout's."""
+    catalog, plan = entry.catalog, entry.plan
+    return CatalogInfo(
+        name=catalog.name,
+        version=catalog.version,
+        dimension=catalog.dimension,
+        item_count=catalog.item_count,
+        padded_dimension=plan.padded_dimension,
+        items_per_response=plan.slot_count,
+    )
+
+
 def _past_deadline(context: grpc.ServicerContext) -> bool:
     remaining = context.time_remaining()  # None (no deadline) in some ServicerContexts
     return remaining is not None and remaining <= 0
@@ -95,32 +110,14 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
 
     def server_info(self) -> pb.GetServerInfoResponse:
         scorer = self._scorer
-        params, limits, retention = scorer.params, scorer.limits, scorer.retention
-        return pb.GetServerInfoResponse(
+        return convert.server_info_to_message(
             server_version=__version__,
-            ckks=pb.CkksParameters(
-                poly_modulus_degree=params.poly_modulus_degree,
-                coeff_modulus_bits=list(params.coeff_modulus_bits),
-                scale_bits=params.scale_bits,
-                galois_steps=list(scorer.galois_steps),
-                security_bits=128,
-                slot_count=params.slot_count,
-                catalog_scale_bits=params.catalog_scale_bits,
-                preset=scorer.preset,
+            parameters=convert.parameters_to_message(
+                scorer.params, galois_steps=scorer.galois_steps, preset=scorer.preset
             ),
-            limits=pb.SizeLimits(
-                max_message_bytes=limits.max_message_bytes,
-                max_key_chunk_bytes=limits.max_key_chunk_bytes,
-                max_key_bytes=limits.max_key_bytes,
-                max_query_bytes=scorer.max_query_bytes,
-                max_item_ids=limits.max_item_ids,
-                max_page_size=limits.max_page_size,
-            ),
-            key_retention=pb.KeyRetentionPolicy(
-                ttl_seconds=retention.ttl_seconds,
-                max_keys=retention.max_keys,
-                max_bytes=retention.max_bytes,
-            ),
+            limits=scorer.limits,
+            max_query_bytes=scorer.max_query_bytes,
+            key_retention=scorer.retention,
         )
 
     def GetServerInfo(
@@ -138,14 +135,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
         )
         return pb.ListCatalogsResponse(
             catalogs=[
-                pb.CatalogInfo(
-                    name=entry.catalog.name,
-                    version=entry.catalog.version,
-                    dimension=entry.catalog.dimension,
-                    item_count=entry.catalog.item_count,
-                    padded_dimension=entry.plan.padded_dimension,
-                    items_per_response=entry.plan.slot_count,
-                )
+                convert.catalog_info_to_message(_catalog_info(entry))
                 for entry in entries[start:end]
             ],
             next_page_token=str(end) if end < len(entries) else "",
