@@ -268,8 +268,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a dead worker is reaped by the pool before it is replaced)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _workers_cpu(backend: PoolBackend) -> float:
-    return sum(_cpu_seconds(worker.process.pid or 0) for worker in backend._workers)
+    return sum(_cpu_seconds(pid) for pid in backend.worker_pids())
 
 
 def _settled_workers_cpu(backend: PoolBackend) -> float:
@@ -328,7 +337,7 @@ def test_workers_stop_computing_a_query_the_client_hung_up_on(
     # them they would compute the rest of their shards, for a client long gone.
     print(f"full query {full:.2f} s of worker CPU, after the hang-up {after:.2f} s")
     assert after < 0.25 * full, (after, full)
-    assert not backend._pending  # no reply queue left behind
+    assert backend.pending_requests() == 0  # no reply queue left behind
     _assert_serves(_target(server), pool_catalog)
 
 
@@ -341,9 +350,9 @@ def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds
     with Client(_target(server), timeout=TIMEOUT) as client:
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
         restarts = backend.restarts
-        victim = backend._workers[0].process
+        victim = backend.worker_pids()[0]
 
-        os.kill(victim.pid or 0, signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         # The very next query either waits for the replacement or, if it raced the
         # death, fails cleanly as retryable; never anything else.
         try:
@@ -354,8 +363,8 @@ def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds
 
         _wait_for(lambda: backend.restarts == restarts + 1, timeout=TIMEOUT)
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
-    assert backend._workers[0].process.pid != victim.pid
-    assert not victim.is_alive()
+    assert backend.worker_pids()[0] != victim
+    assert not _alive(victim)
     _assert_serves(_target(server), pool_catalog)
 
 
@@ -373,17 +382,17 @@ def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replace
     with Client(_target(server), timeout=TIMEOUT) as client, ThreadPoolExecutor(1) as background:
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4  # keys out
         restarts = backend.restarts
-        victim = backend._workers[1].process
+        victim = backend.worker_pids()[1]
         # Frozen, worker 1 takes the query but computes none of its chunks (1, 3, ...):
         # the client gets chunk 0 from worker 0, then waits on worker 1, which dies.
-        os.kill(victim.pid or 0, signal.SIGSTOP)
+        os.kill(victim, signal.SIGSTOP)
         try:
             streamed = items_streamed()
             query = background.submit(client.score, vector, catalog="pool")
             _wait_for(lambda: items_streamed() > streamed)
             assert not query.done()
         finally:
-            os.kill(victim.pid or 0, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         with pytest.raises(ServerUnavailableError) as failed:
             query.result(timeout=TIMEOUT)
         assert failed.value.code == grpc.StatusCode.UNAVAILABLE
@@ -392,8 +401,8 @@ def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replace
         # The next query waits for the replacement, which re-encoded its shard.
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
         assert backend.restarts == restarts + 1
-    assert backend._workers[1].process.pid != victim.pid
-    assert not victim.is_alive()
+    assert backend.worker_pids()[1] != victim
+    assert not _alive(victim)
     _assert_serves(_target(server), pool_catalog)
 
 

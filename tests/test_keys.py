@@ -2,15 +2,14 @@
 
 Server-side behaviour is checked on real servers on loopback with real SEAL keys;
 the KeyStore's bookkeeping (idle TTL, LRU by count and by bytes) is checked in
-isolation with a fake clock so no test depends on timing, except the one that
-lets a real 1-second TTL lapse.
+isolation. Time is a fake clock everywhere, the servers' key TTLs included, so no
+test depends on timing.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +40,16 @@ OTHER_PARAMETERS = replace(DEFAULT_PARAMETERS, coeff_modulus_bits=(60, 40, 40, 6
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Time that passes only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def code_of(error: grpc.RpcError) -> grpc.StatusCode:
@@ -194,24 +203,27 @@ def test_client_re_registers_after_keys_are_deleted_behind_its_back(
 
 
 @pytest.fixture(scope="module")
-def short_ttl(films: Catalog) -> Iterator[tuple[Scorer, str]]:
-    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=KeyRetentionPolicy(ttl_seconds=1))
+def short_ttl(films: Catalog) -> Iterator[tuple[Scorer, str, FakeClock]]:
+    """A server whose keys expire after 1 s idle, by a clock the tests advance."""
+    clock = FakeClock()
+    retention = KeyRetentionPolicy(ttl_seconds=1)
+    scorer = Scorer(DEFAULT_PARAMETERS, [films], retention=retention, clock=clock)
     running = serve(scorer)
-    yield scorer, f"127.0.0.1:{running.port}"
+    yield scorer, f"127.0.0.1:{running.port}", clock
     running.stop(grace=None)
 
 
 def test_client_re_registers_after_ttl_expiry(
-    short_ttl: tuple[Scorer, str], films: Catalog, films_user: FloatArray
+    short_ttl: tuple[Scorer, str, FakeClock], films: Catalog, films_user: FloatArray
 ) -> None:
-    scorer, target = short_ttl
+    scorer, target, clock = short_ttl
     with Client(target, timeout=TIMEOUT) as client:
         assert client.server_info.key_retention.ttl_seconds == 1
         first = client.score(films_user, catalog="films")
         assert client.stats.registrations == 1
         assert len(scorer.keys) == 1
 
-        time.sleep(1.25)
+        clock.now += 1.25
         assert len(scorer.keys) == 0  # forgotten by the server
 
         second = client.score(films_user, catalog="films")
@@ -222,9 +234,12 @@ def test_client_re_registers_after_ttl_expiry(
 
 
 def test_expired_key_gives_key_not_found(
-    short_ttl: tuple[Scorer, str], secret: SecretContext, films: Catalog, films_user: FloatArray
+    short_ttl: tuple[Scorer, str, FakeClock],
+    secret: SecretContext,
+    films: Catalog,
+    films_user: FloatArray,
 ) -> None:
-    _, target = short_ttl
+    _, target, clock = short_ttl
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         reply = stub.RegisterKeys(
@@ -235,7 +250,7 @@ def test_expired_key_gives_key_not_found(
         # no conjugation key: complex scores, so expiry is the only thing wrong
         request = score_request(secret, reply.key_id, films, films_user, complex_scores=True)
 
-        time.sleep(1.25)
+        clock.now += 1.25
         error = score_error(stub, request)
 
         assert code_of(error) == grpc.StatusCode.NOT_FOUND
@@ -294,14 +309,6 @@ def test_keys_larger_than_the_whole_store_are_exhausted(
 
 
 # --- KeyStore with a fake clock ---------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -121,13 +121,11 @@ def test_keys_reach_each_actor_once_and_leave_on_delete(
     key_id = scorer.register_keys(secret.galois_keys(scorer.galois_steps))
     for seed in (23, 24):
         list(scorer.score(key_id, "ray", _query(secret, unit_rows(1, DIMENSION, seed)[0]), []))
-    holders = ray.get([actor.held_keys.remote() for actor in backend._actors])
-    assert all(held.count(key_id) == 1 for held in holders)
+    assert all(held.count(key_id) == 1 for held in backend.actor_keys())
 
     scorer.delete_keys(key_id)
 
-    holders = ray.get([actor.held_keys.remote() for actor in backend._actors])
-    assert not any(key_id in held for held in holders)
+    assert not any(key_id in held for held in backend.actor_keys())
 
 
 def test_a_dead_actor_fails_the_query_with_unavailable_then_is_restarted(
@@ -138,7 +136,7 @@ def test_a_dead_actor_fails_the_query_with_unavailable_then_is_restarted(
     query = _query(secret, vector)
     before = backend.actor_pids()
 
-    ray.kill(backend._actors[1], no_restart=False)  # Ray restarts it
+    backend.kill_actor(1)  # as a crash would: Ray restarts it
     with pytest.raises(UnavailableError):
         list(scorer.score(key_id, "ray", query, []))
 

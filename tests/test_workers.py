@@ -88,6 +88,15 @@ def test_pool_scores_equal_plaintext_and_local(
     assert np.abs(pooled_complex - local_complex).max() < 1e-4
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a dead worker is reaped by the pool before it is replaced)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def secret_keys(scorer: Scorer, secret: SecretContext) -> bytes:
     return secret.galois_keys(scorer.galois_steps)
 
@@ -110,11 +119,11 @@ def test_deleted_keys_leave_the_workers(pooled: Scorer, secret: SecretContext) -
     _scores(pooled, secret, key_id, unit_rows(1, DIMENSION, 9)[0])
     backend = pooled.backend
     assert isinstance(backend, PoolBackend)
-    assert all(key_id in worker.keys_held for worker in backend._workers)
+    assert all(key_id in held for held in backend.worker_keys())
 
     pooled.delete_keys(key_id)
 
-    assert not any(key_id in worker.keys_held for worker in backend._workers)
+    assert not any(key_id in held for held in backend.worker_keys())
 
 
 def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
@@ -134,8 +143,8 @@ def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
         runs = scorer.score(key_id, "large", wide_query, [])
         next(runs)  # the query is in flight in both workers
 
-        victim = backend._workers[1].process
-        os.kill(victim.pid or 0, signal.SIGKILL)
+        victim = backend.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
         with pytest.raises(UnavailableError):
             list(runs)
 
@@ -143,7 +152,7 @@ def test_a_killed_worker_fails_the_query_cleanly_and_is_replaced(
         scores = _scores(scorer, secret, key_id, vector)
         assert np.abs(scores - catalog.embeddings @ vector).max() < 1e-4
         assert backend.restarts == 1
-        assert backend._workers[1].process.pid != victim.pid
-        assert not victim.is_alive()
+        assert backend.worker_pids()[1] != victim
+        assert not _alive(victim)
     finally:
         backend.close()

@@ -1,11 +1,13 @@
 """Where the encoded catalog lives and is scored: the backend interface.
 
 The Scorer validates requests and owns the key store; a backend holds the
-catalogs' encoded chunks and computes. `LocalBackend` does it in this process;
+catalogs' encoded chunks and computes, through one `heserve.backends.shard.Shard`
+per process that computes. `LocalBackend` does it in this process;
 `heserve.backends.pool.PoolBackend` spreads the chunks of each catalog over worker
-processes (shard = the chunks with index ≡ shard mod shard count). Backends take
-keys and queries both as bytes (what a remote shard needs) and as loaded SEAL
-objects (what an in-process one uses), so neither is parsed twice.
+processes and `heserve.backends.ray_cluster.RayBackend` over Ray actors (shard =
+the chunks with index ≡ shard mod shard count). Backends take keys and queries
+both as bytes (what a remote shard needs) and as loaded SEAL objects (what an
+in-process one uses), so neither is parsed twice.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from typing import Generic, Protocol, TypeVar
 
 import tenseal.sealapi as seal
 
-from heserve.he.engine import Progress, encoded_chunk_bytes
+from heserve.he.engine import Engine, Progress, encoded_chunk_bytes
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray
+from heserve.protocol.slots import FloatArray, ceil_div
 
 T = TypeVar("T")
+
+BOUNDED_OBJECT_BYTES = 1 << 62
+"""The inflate limit for SEAL bytes that were bounded already: the queries and keys
+the Scorer loaded under its own limits before they reached a backend, and the
+results our own engines made. A bound here would only repeat those checks."""
 
 
 class ShardUnavailableError(RuntimeError):
@@ -34,6 +41,20 @@ class Sealed(Generic[T]):
 
     blob: bytes
     value: T
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One checked query, as every backend's `score` and `score_rows` take it.
+
+    `catalog` names the catalog scored (or, for `score_rows`, whose layout the
+    given rows take); `key_id` lets a remote shard keep the keys between queries.
+    """
+
+    catalog: str
+    key_id: str
+    keys: Sealed[seal.GaloisKeys]
+    query: Sealed[seal.Ciphertext]
 
 
 def shard_chunks(shard: int, shard_count: int, chunk_count: int) -> list[int]:
@@ -49,37 +70,44 @@ class ShardBudget:
     """A memory budget for encoded chunks, split evenly over shards, spent catalog by catalog."""
 
     def __init__(self, total_bytes: int | None, shard_count: int) -> None:
+        self._shard_count = shard_count
         self._per_shard = None if total_bytes is None else total_bytes // shard_count
         self._spent = 0
 
-    def take(self, params: CkksParameters, plan: DiagonalPlan, chunks_per_shard: int) -> int | None:
-        """Bytes each shard may encode for the next catalog (None: no limit), then charge them."""
+    def take(self, params: CkksParameters, plan: DiagonalPlan, chunk_count: int) -> int | None:
+        """Bytes each shard may encode for a catalog of `chunk_count` chunks (None: no
+        limit), then charge them: the largest shard holds ⌈chunks / shards⌉ chunks."""
         if self._per_shard is None:
             return None
         left = max(0, self._per_shard - self._spent)
         chunk_bytes = encoded_chunk_bytes(params, plan)
-        self._spent += min(chunks_per_shard, left // chunk_bytes) * chunk_bytes
+        largest_shard = ceil_div(chunk_count, self._shard_count)
+        self._spent += min(largest_shard, left // chunk_bytes) * chunk_bytes
         return left
 
 
 class Backend(Protocol):
-    """Holds encoded catalogs and scores queries against them."""
+    """Holds encoded catalogs and scores queries against them.
+
+    `engine` is the front process's own engine (one SEAL context per process): the
+    Scorer loads and checks queries and keys with it and splits complex results.
+    """
 
     shard_count: int
+    engine: Engine
 
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
         """Encode and keep a catalog's chunks."""
 
-    def score(
-        self,
-        name: str,
-        key_id: str,
-        keys: Sealed[seal.GaloisKeys],
-        query: Sealed[seal.Ciphertext],
-    ) -> Iterator[bytes]:
+    def score(self, call: ScoreCall) -> Iterator[bytes]:
         """Serialized score ciphertexts, one per chunk, in catalog order."""
+        ...
+
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+        """Score `rows` (re-ranking candidates, in the caller's order) under the layout of
+        `call.catalog`: one serialized ciphertext per chunk of rows, in order."""
         ...
 
     def forget_keys(self, key_id: str) -> None:

@@ -1,18 +1,18 @@
 """The in-process backend: every chunk of every catalog in this process, on one core.
 
 No start-up cost and nothing to ship: the default for small catalogs and tests.
+Its one shard computes with the same Engine the Scorer loads queries with, and
+with the loaded keys of the Scorer's key store, so nothing is parsed twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import tenseal.sealapi as seal
-
-from heserve.backends.base import Sealed, ShardBudget
-from heserve.he.engine import Chunk, Engine, Progress
+from heserve.backends.base import ScoreCall, ShardBudget
+from heserve.backends.shard import Shard
+from heserve.he.engine import Engine, Progress
 from heserve.he.plan import DiagonalPlan
-from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import FloatArray
 
@@ -24,29 +24,25 @@ class LocalBackend:
 
     def __init__(self, params: CkksParameters, memory_budget: int | None = None) -> None:
         self.engine = Engine(params)
-        self._budget = ShardBudget(memory_budget, 1)
-        self._catalogs: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
+        self._budget = ShardBudget(memory_budget, self.shard_count)
+        self._shard = Shard(self.engine)
 
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        budget = self._budget.take(self.engine.params, plan, plan.chunk_count(len(embeddings)))
-        chunks = self.engine.encode_catalog(plan, embeddings, progress, budget)
-        self._catalogs[name] = (plan, chunks)
+        rows = plan.chunk_rows(embeddings)
+        budget = self._budget.take(self.engine.params, plan, len(rows))
+        self._shard.load_catalog(name, plan, rows, budget, progress)
 
-    def score(
-        self,
-        name: str,
-        key_id: str,
-        keys: Sealed[seal.GaloisKeys],
-        query: Sealed[seal.Ciphertext],
-    ) -> Iterator[bytes]:
-        plan, chunks = self._catalogs[name]
-        for scores in self.engine.score(plan, chunks, query.value, keys.value):
-            yield wire.to_bytes(scores)
+    def score(self, call: ScoreCall) -> Iterator[bytes]:
+        return self._shard.score(call.catalog, call.query.value, call.keys.value)
+
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+        chunks = self._shard.plan(call.catalog).chunk_rows(rows)
+        return self._shard.score(call.catalog, call.query.value, call.keys.value, chunks)
 
     def forget_keys(self, key_id: str) -> None:
         """Nothing to do: the loaded keys live in the Scorer's key store only."""
 
     def close(self) -> None:
-        self._catalogs.clear()
+        self._shard = Shard(self.engine)

@@ -7,9 +7,11 @@ little buffering. Each worker encodes its shard once and keeps it; Galois keys
 reach a worker once per key_id and are dropped when the key store drops them.
 
 Workers are spawned (not forked) so that no gRPC state is copied into them. Each
-request is a tagged message on the worker's pipe; a reader thread per worker
-routes replies to the queue of the request they answer, so concurrent queries
-interleave in the workers instead of waiting for each other in the front.
+request is a typed message on the worker's pipe (`pool_worker`); a reader thread
+per worker routes replies to the queue of the request they answer, so concurrent
+queries interleave in the workers instead of waiting for each other in the front.
+Re-ranking candidates are scored by the workers too, their chunks dealt round
+robin like a catalog's.
 """
 
 from __future__ import annotations
@@ -23,69 +25,41 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
 
-import tenseal.sealapi as seal
-
-from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.he.engine import Chunk, Engine, Progress, QueryError
+from heserve.backends.base import ScoreCall, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.backends.pool_worker import (
+    ChunkEncoded,
+    ChunkScored,
+    Done,
+    Failed,
+    ForgetKeys,
+    FromWorker,
+    LoadShard,
+    ScoreShard,
+    Stop,
+    ToWorker,
+    serve_worker,
+)
+from heserve.backends.shard import ShardQuery
+from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
-from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import FloatArray
 
 log = logging.getLogger(__name__)
 
-_UNBOUNDED = 1 << 62
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """Put by the front itself to every open request when a worker's pipe closes."""
+
+    worker: str
 
 
-def _progress_to(conn: Connection, request_id: int) -> Progress:
-    """Report each encoded chunk to the front, which sums the workers' progress."""
-    return lambda done, total: conn.send(("progress", request_id, 1))
-
-
-def _serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64) -> None:
-    """A worker's loop: keep shards and keys, answer tagged requests in order.
-
-    `cancelled`, shared with the front, names the last query the front gave up on
-    (its caller hung up or ran out of time): the worker stops it at the next chunk.
-    """
-    engine = Engine(params)
-    shards: dict[str, tuple[DiagonalPlan, list[int], list[Chunk]]] = {}
-    keys: dict[str, seal.GaloisKeys] = {}
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        kind, request_id = message[0], message[1]
-        try:
-            if kind == "catalog":
-                _, _, name, plan, indices, rows, budget = message
-                chunks = engine.encode_chunks(plan, rows, budget, _progress_to(conn, request_id))
-                shards[name] = (plan, indices, chunks)
-                conn.send(("done", request_id))
-            elif kind == "score":
-                _, _, name, key_id, keys_blob, query_blob, max_bytes = message
-                if keys_blob is not None:
-                    keys[key_id] = wire.load_galois_keys(engine.context, keys_blob, _UNBOUNDED)
-                plan, indices, chunks = shards[name]
-                query = wire.load_ciphertext(engine.context, query_blob, max_bytes)
-                results = engine.score(plan, chunks, query, keys[key_id])
-                for index, scores in zip(indices, results, strict=True):
-                    conn.send(("chunk", request_id, index, wire.to_bytes(scores)))
-                    if cancelled.value == request_id:
-                        break
-                conn.send(("done", request_id))
-            elif kind == "forget":
-                keys.pop(message[2], None)
-            elif kind == "stop":
-                return
-        except (QueryError, wire.SerializationError, KeyError, ValueError) as exc:
-            conn.send(("error", request_id, f"{type(exc).__name__}: {exc}"))
+Reply = FromWorker | WorkerDied
 
 
 @dataclass
@@ -99,7 +73,7 @@ class _Worker:
     alive: bool = True
     ready: threading.Event = field(default_factory=threading.Event)
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ToWorker) -> None:
         with self.send_lock:
             self.conn.send(message)
 
@@ -112,6 +86,10 @@ class _CatalogSpec:
     plan: DiagonalPlan
     embeddings: FloatArray
     budget: int | None
+
+    @property
+    def chunk_count(self) -> int:
+        return self.plan.chunk_count(len(self.embeddings))
 
 
 class PoolBackend:
@@ -130,26 +108,39 @@ class PoolBackend:
         restart_timeout: float = 300.0,
     ) -> None:
         self.params = params
+        self.engine = Engine(params)  # the front's: the Scorer checks queries with it
         self.shard_count = workers or os.cpu_count() or 1
         self._budget = ShardBudget(memory_budget, self.shard_count)
         self.restart_timeout = restart_timeout
         self.restarts = 0
         self._ids = itertools.count(1)
-        self._pending: dict[int, queue.SimpleQueue[tuple[Any, ...]]] = {}
+        self._pending: dict[int, queue.SimpleQueue[Reply]] = {}
         self._pending_lock = threading.Lock()
-        self._catalogs: dict[str, int] = {}
-        self._specs: list[_CatalogSpec] = []
+        self._catalogs: dict[str, _CatalogSpec] = {}
         self._closing = False
         self._context = multiprocessing.get_context("spawn")
         self._workers = [self._spawn(index) for index in range(self.shard_count)]
         for worker in self._workers:
             worker.ready.set()
 
+    def worker_pids(self) -> list[int]:
+        """The process id of each shard's current worker, in shard order."""
+        return [worker.process.pid or 0 for worker in self._workers]
+
+    def worker_keys(self) -> list[set[str]]:
+        """The key_ids each shard's current worker holds, in shard order."""
+        return [set(worker.keys_held) for worker in self._workers]
+
+    def pending_requests(self) -> int:
+        """Requests whose replies the front still routes (0 when none is in flight)."""
+        with self._pending_lock:
+            return len(self._pending)
+
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
         cancelled = self._context.RawValue(ctypes.c_int64, 0)
         process = self._context.Process(
-            target=_serve_worker,
+            target=serve_worker,
             args=(back, self.params, cancelled),
             name=f"heserve-worker-{index}",
             daemon=True,
@@ -166,11 +157,11 @@ class PoolBackend:
         """Deliver each reply of one worker to the request it answers; replace it if it dies."""
         while True:
             try:
-                message = worker.conn.recv()
+                message: FromWorker = worker.conn.recv()
             except (EOFError, OSError):
                 break
             with self._pending_lock:
-                target = self._pending.get(message[1])
+                target = self._pending.get(message.request_id)
             if target is not None:  # None: an abandoned request; drop its results
                 target.put(message)
         worker.alive = False
@@ -178,7 +169,7 @@ class PoolBackend:
         with self._pending_lock:
             waiting = list(self._pending.values())
         for target in waiting:
-            target.put(("crashed", 0, worker.process.name))
+            target.put(WorkerDied(worker.process.name))
         if not self._closing:
             self._replace(worker)
 
@@ -191,7 +182,7 @@ class PoolBackend:
         worker = self._spawn(dead.index)
         self._workers[dead.index] = worker
         try:
-            for spec in self._specs:
+            for spec in self._catalogs.values():
                 self._load_shards(spec, [worker], None)
         except ShardUnavailableError:
             return  # the replacement died too; its own route thread replaces it
@@ -199,9 +190,9 @@ class PoolBackend:
         worker.ready.set()
         log.warning("worker %s replaced and ready", worker.process.name)
 
-    def _open(self) -> tuple[int, queue.SimpleQueue[tuple[Any, ...]]]:
+    def _open(self) -> tuple[int, queue.SimpleQueue[Reply]]:
         request_id = next(self._ids)
-        replies: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         with self._pending_lock:
             self._pending[request_id] = replies
         return request_id, replies
@@ -210,30 +201,28 @@ class PoolBackend:
         with self._pending_lock:
             self._pending.pop(request_id, None)
 
-    def _next_reply(self, replies: queue.SimpleQueue[tuple[Any, ...]]) -> tuple[Any, ...]:
+    def _next_reply(self, replies: queue.SimpleQueue[Reply]) -> ChunkEncoded | ChunkScored | Done:
         message = replies.get()
-        if message[0] == "crashed":
-            raise ShardUnavailableError(f"worker {message[2]} died during the request")
-        if message[0] == "error":
-            raise QueryError(message[2])
+        if isinstance(message, WorkerDied):
+            raise ShardUnavailableError(f"worker {message.worker} died during the request")
+        if isinstance(message, Failed):
+            raise QueryError(message.reason)
         return message
 
     def _load_shards(
         self, spec: _CatalogSpec, workers: list[_Worker], progress: Progress | None
     ) -> None:
         """Have each of `workers` encode its shard of a catalog; wait until all are done."""
-        total = spec.plan.chunk_count(len(spec.embeddings))
+        total = spec.chunk_count
         request_id, replies = self._open()
         try:
             for worker in workers:
                 indices = shard_chunks(worker.index, self.shard_count, total)
-                rows = spec.plan.chunk_rows(spec.embeddings, indices)
-                worker.send(
-                    ("catalog", request_id, spec.name, spec.plan, indices, rows, spec.budget)
-                )
+                rows = tuple(spec.plan.chunk_rows(spec.embeddings, indices))
+                worker.send(LoadShard(request_id, spec.name, spec.plan, rows, spec.budget))
             done = finished = 0
             while finished < len(workers):
-                if self._next_reply(replies)[0] == "progress":
+                if isinstance(self._next_reply(replies), ChunkEncoded):
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -245,12 +234,10 @@ class PoolBackend:
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
-        total = plan.chunk_count(len(embeddings))
-        budget = self._budget.take(self.params, plan, -(-total // self.shard_count))
+        budget = self._budget.take(self.params, plan, plan.chunk_count(len(embeddings)))
         spec = _CatalogSpec(name, plan, embeddings, budget)
         self._load_shards(spec, self._workers, progress)
-        self._specs.append(spec)
-        self._catalogs[name] = total
+        self._catalogs[name] = spec
 
     def _ready_workers(self) -> list[_Worker]:
         """All workers, waiting for any being replaced (bounded by restart_timeout)."""
@@ -262,43 +249,36 @@ class PoolBackend:
                     raise ShardUnavailableError(f"worker {index} is not ready")
         return list(self._workers)
 
-    def score(
+    def score(self, call: ScoreCall) -> Iterator[bytes]:
+        return self._stream(call, self._catalogs[call.catalog].chunk_count, lambda indices: None)
+
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+        chunks = self._catalogs[call.catalog].plan.chunk_rows(rows)
+        return self._stream(call, len(chunks), lambda indices: tuple(chunks[i] for i in indices))
+
+    def _stream(
         self,
-        name: str,
-        key_id: str,
-        keys: Sealed[seal.GaloisKeys],
-        query: Sealed[seal.Ciphertext],
+        call: ScoreCall,
+        total: int,
+        rows_of: Callable[[list[int]], tuple[FloatArray, ...] | None],
     ) -> Iterator[bytes]:
-        total = self._catalogs[name]
+        """Send the query to every worker with chunks to score, then yield the `total`
+        results in order. `rows_of(indices)`: the rows of those chunks, if not the
+        catalog's own (re-ranking)."""
         workers = self._ready_workers()
         request_id, replies = self._open()
         finished = False
         try:
             for worker in workers:
-                with worker.send_lock:
-                    ship = key_id not in worker.keys_held
-                    message = (
-                        "score",
-                        request_id,
-                        name,
-                        key_id,
-                        keys.blob if ship else None,
-                        query.blob,
-                        _UNBOUNDED,  # bounded, inflated too, when the Scorer loaded it
-                    )
-                    try:
-                        worker.conn.send(message)
-                    except OSError:
-                        raise ShardUnavailableError(
-                            f"worker {worker.process.name} died before the request"
-                        ) from None
-                    worker.keys_held.add(key_id)
+                indices = shard_chunks(worker.index, self.shard_count, total)
+                if indices:
+                    self._send_query(worker, request_id, call, indices, rows_of(indices))
             ready: dict[int, bytes] = {}
             for expected in range(total):
                 while expected not in ready:
                     reply = self._next_reply(replies)
-                    if reply[0] == "chunk":
-                        ready[reply[2]] = reply[3]
+                    if isinstance(reply, ChunkScored):
+                        ready[reply.index] = reply.scores
                 yield ready.pop(expected)
             finished = True
         finally:
@@ -307,19 +287,45 @@ class PoolBackend:
                 for worker in workers:
                     worker.cancelled.value = request_id  # spare the others the rest of it
 
+    def _send_query(
+        self,
+        worker: _Worker,
+        request_id: int,
+        call: ScoreCall,
+        indices: list[int],
+        rows: tuple[FloatArray, ...] | None,
+    ) -> None:
+        """One worker's part of a query, with the keys if it does not hold them yet."""
+        with worker.send_lock:
+            ship = call.key_id not in worker.keys_held
+            query = ShardQuery(
+                call.catalog,
+                call.key_id,
+                call.query.blob,
+                call.keys.blob if ship else None,
+                rows,
+            )
+            try:
+                worker.conn.send(ScoreShard(request_id, query, tuple(indices)))
+            except OSError:
+                raise ShardUnavailableError(
+                    f"worker {worker.process.name} died before the request"
+                ) from None
+            worker.keys_held.add(call.key_id)
+
     def forget_keys(self, key_id: str) -> None:
         for worker in self._workers:
             with worker.send_lock:
                 if key_id in worker.keys_held and worker.alive:
                     worker.keys_held.discard(key_id)
-                    worker.conn.send(("forget", 0, key_id))
+                    worker.conn.send(ForgetKeys(key_id))
 
     def close(self) -> None:
         self._closing = True
         for worker in self._workers:
             if worker.alive:
                 with contextlib.suppress(OSError):
-                    worker.send(("stop", 0))
+                    worker.send(Stop())
         for worker in self._workers:
             worker.process.join(timeout=5)
             if worker.process.is_alive():

@@ -25,18 +25,16 @@ from typing import Any
 
 import ray
 import ray.exceptions
-import tenseal.sealapi as seal
 
-from heserve.backends.base import Sealed, ShardBudget, ShardUnavailableError, shard_chunks
-from heserve.he.engine import Chunk, Engine, Progress, QueryError
+from heserve.backends.base import ScoreCall, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.backends.shard import Shard, ShardQuery
+from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
-from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import FloatArray
 
 log = logging.getLogger(__name__)
 
-_UNBOUNDED = 1 << 62
 _ACTOR_FAILURES = (
     ray.exceptions.RayActorError,
     ray.exceptions.ActorUnavailableError,
@@ -45,59 +43,54 @@ _ACTOR_FAILURES = (
 )
 
 
-class ShardActor:
-    """One shard of every catalog, encoded once, plus the keys it was sent."""
+@dataclass(frozen=True)
+class _ShardCatalog:
+    """What an actor needs, besides its rows, to encode its shard of a catalog."""
 
-    def __init__(self, params: CkksParameters) -> None:
-        self._engine = Engine(params)
-        self._shards: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
-        self._keys: dict[str, seal.GaloisKeys] = {}
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def load(self, name: str, plan: DiagonalPlan, rows_ref: list[Any], budget: int | None) -> int:
-        """Encode this shard of a catalog (rows fetched from the object store)."""
-        rows: list[FloatArray] = ray.get(rows_ref[0])
-        chunks = self._engine.encode_chunks(plan, rows, budget)
-        self._shards[name] = (plan, chunks)
-        return len(rows)
-
-    def score(
-        self,
-        name: str,
-        plan: DiagonalPlan,
-        rows_ref: list[Any],
-        budget: int | None,
-        key_id: str,
-        keys_ref: list[Any],
-        query_blob: bytes,
-    ) -> Iterator[bytes]:
-        """Stream this shard's score ciphertexts, in chunk order."""
-        if name not in self._shards:  # restarted since the catalog was loaded
-            self.load(name, plan, rows_ref, budget)
-        if key_id not in self._keys:
-            blob: bytes = ray.get(keys_ref[0])
-            self._keys[key_id] = wire.load_galois_keys(self._engine.context, blob, _UNBOUNDED)
-        plan, chunks = self._shards[name]
-        # The Scorer bounded the query (inflated too) before it got here.
-        query = wire.load_ciphertext(self._engine.context, query_blob, _UNBOUNDED)
-        for scores in self._engine.score(plan, chunks, query, self._keys[key_id]):
-            yield wire.to_bytes(scores)
-
-    def forget(self, key_id: str) -> None:
-        self._keys.pop(key_id, None)
-
-    def held_keys(self) -> list[str]:
-        return sorted(self._keys)
+    name: str
+    plan: DiagonalPlan
+    budget: int | None
 
 
 @dataclass(frozen=True)
 class _RayCatalog:
-    plan: DiagonalPlan
+    """A catalog as the front keeps it: enough for a restarted actor to rebuild its shard."""
+
+    shard: _ShardCatalog
     total: int
-    budget: int | None
     shard_rows: tuple[Any, ...]  # one ObjectRef of row chunks per shard
+
+
+class ShardActor:
+    """A `Shard` in a Ray actor: one shard of every catalog, plus the keys it was sent."""
+
+    def __init__(self, params: CkksParameters) -> None:
+        self._shard = Shard(Engine(params))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def load(self, catalog: _ShardCatalog, rows_ref: list[Any]) -> int:
+        """Encode this shard of a catalog (rows fetched from the object store)."""
+        rows: list[FloatArray] = ray.get(rows_ref[0])
+        self._shard.load_catalog(catalog.name, catalog.plan, rows, catalog.budget)
+        return len(rows)
+
+    def score(
+        self, catalog: _ShardCatalog, rows_ref: list[Any], query: ShardQuery, keys_ref: list[Any]
+    ) -> Iterator[bytes]:
+        """Stream this shard's score ciphertexts, in chunk order."""
+        if not self._shard.holds_catalog(catalog.name):  # restarted since it was loaded
+            self.load(catalog, rows_ref)
+        if not self._shard.holds_keys(query.key_id):
+            self._shard.add_keys(query.key_id, ray.get(keys_ref[0]))
+        yield from self._shard.answer(query)
+
+    def forget(self, key_id: str) -> None:
+        self._shard.forget_keys(key_id)
+
+    def held_keys(self) -> list[str]:
+        return self._shard.held_keys()
 
 
 class RayBackend:
@@ -116,6 +109,7 @@ class RayBackend:
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         self.params = params
+        self.engine = Engine(params)  # the front's: the Scorer checks queries with it
         self.shard_count = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._budget = ShardBudget(memory_budget, self.shard_count)
         actor_class: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(ShardActor)
@@ -124,19 +118,30 @@ class RayBackend:
         self._key_refs: dict[str, Any] = {}
 
     def actor_pids(self) -> list[int]:
+        """The process id of each shard's actor, in shard order."""
         return [int(pid) for pid in ray.get([actor.pid.remote() for actor in self._actors])]
+
+    def actor_keys(self) -> list[list[str]]:
+        """The key_ids each shard's actor holds (as the actor reports), in shard order."""
+        held: list[list[str]] = ray.get([actor.held_keys.remote() for actor in self._actors])
+        return held
+
+    def kill_actor(self, shard: int) -> None:
+        """Kill one shard's actor the way a crash would: Ray restarts it."""
+        ray.kill(self._actors[shard], no_restart=False)
 
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
     ) -> None:
         total = plan.chunk_count(len(embeddings))
-        budget = self._budget.take(self.params, plan, -(-total // self.shard_count))
+        budget = self._budget.take(self.params, plan, total)
         shard_rows = tuple(
             ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
             for shard in range(self.shard_count)
         )
+        shard = _ShardCatalog(name, plan, budget)
         pending = [
-            actor.load.remote(name, plan, [rows], budget)
+            actor.load.remote(shard, [rows])
             for actor, rows in zip(self._actors, shard_rows, strict=True)
         ]
         done = 0
@@ -145,29 +150,38 @@ class RayBackend:
             done += int(ray.get(finished[0]))
             if progress is not None:
                 progress(done, total)
-        self._catalogs[name] = _RayCatalog(plan, total, budget, shard_rows)
+        self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
 
-    def score(
-        self,
-        name: str,
-        key_id: str,
-        keys: Sealed[seal.GaloisKeys],
-        query: Sealed[seal.Ciphertext],
+    def score(self, call: ScoreCall) -> Iterator[bytes]:
+        return self._stream(call, self._catalogs[call.catalog].total, None)
+
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+        chunks = self._catalogs[call.catalog].shard.plan.chunk_rows(rows)
+        return self._stream(call, len(chunks), chunks)
+
+    def _stream(
+        self, call: ScoreCall, total: int, rows: list[FloatArray] | None
     ) -> Iterator[bytes]:
-        catalog = self._catalogs[name]
+        """Start each actor's part of the query, then yield the `total` results in order.
+        `rows`: the chunks to score, if not the catalog's own (re-ranking)."""
+        catalog = self._catalogs[call.catalog]
         if self._failed:
             self._wait_for_actors()
-        key_ref = self._key_refs.get(key_id)
+        key_ref = self._key_refs.get(call.key_id)
         if key_ref is None:
-            key_ref = self._key_refs[key_id] = ray.put(keys.blob)
-        streams = [
-            actor.score.remote(
-                name, catalog.plan, [rows], catalog.budget, key_id, [key_ref], query.blob
-            )
-            for actor, rows in zip(self._actors, catalog.shard_rows, strict=True)
-        ]
+            key_ref = self._key_refs[call.key_id] = ray.put(call.keys.blob)
+        streams = []
+        for shard, (actor, catalog_rows) in enumerate(
+            zip(self._actors, catalog.shard_rows, strict=True)
+        ):
+            indices = shard_chunks(shard, self.shard_count, total)
+            if not indices:
+                break  # fewer chunks than shards: the later shards have none
+            part = None if rows is None else tuple(rows[i] for i in indices)
+            query = ShardQuery(call.catalog, call.key_id, call.query.blob, rows=part)
+            streams.append(actor.score.remote(catalog.shard, [catalog_rows], query, [key_ref]))
         try:
-            for index in range(catalog.total):
+            for index in range(total):
                 yield ray.get(next(streams[index % self.shard_count]))
         except _ACTOR_FAILURES as exc:
             self._failed = True

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal.sealapi as seal
 
-from heserve.backends.base import Backend, Sealed, ShardUnavailableError
+from heserve.backends.base import (
+    BOUNDED_OBJECT_BYTES,
+    Backend,
+    ScoreCall,
+    Sealed,
+    ShardUnavailableError,
+)
 from heserve.backends.local import LocalBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.errors import (
@@ -28,17 +35,16 @@ from heserve.domain.errors import (
 )
 from heserve.domain.keystore import KeyStore, KeyTooLargeError
 from heserve.domain.protection import NoiseAdder, ScoreProtection
-from heserve.he.engine import Engine, Progress, QueryError
+from heserve.he.engine import Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import PRESETS, CkksParameters
 from heserve.protocol.reasons import KEY_NOT_FOUND
+from heserve.protocol.slots import ceil_div
 
 log = logging.getLogger(__name__)
 # SEAL's rotation step for complex conjugation (Galois element 2N - 1).
 CONJUGATION_STEP = 0
-# Results come from our own engine or workers, already bounded by construction.
-_OWN_RESULT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,10 @@ class Scorer:
     """Validates requests, owns the key store, and scores through a backend.
 
     The backend holds the encoded catalogs (in process by default, or sharded
-    over worker processes); re-ranking subsets are encoded on the fly here.
+    over worker processes or Ray actors) and computes every score, re-ranking
+    subsets included. The Scorer shares the backend's engine (one SEAL context per
+    process) to load and check what arrives and to split complex results.
+    `clock` times the keys' idle TTL.
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class Scorer:
         progress: Progress | None = None,
         backend: Backend | None = None,
         protection: ScoreProtection | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.params = params
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
@@ -104,12 +114,15 @@ class Scorer:
         self._conjugation = wire.galois_element(CONJUGATION_STEP, params.poly_modulus_degree)
         self.limits = limits or SizeLimits()
         self.retention = retention or KeyRetentionPolicy()
-        self.engine = Engine(params)
         self.backend: Backend = backend or LocalBackend(params)
+        if self.backend.engine.params != params:
+            raise ValueError("the backend computes under other CKKS parameters than the Scorer")
+        self.engine = self.backend.engine
         self.keys: KeyStore[Sealed[seal.GaloisKeys]] = KeyStore(
             self.retention.max_keys,
             self.retention.max_bytes,
             self.retention.ttl_seconds,
+            clock=clock,
             on_drop=self.backend.forget_keys,
         )
         served: dict[str, ServedCatalog] = {}
@@ -222,19 +235,16 @@ class Scorer:
                 "real-slot scores need the conjugation key (rotation step 0, Galois element "
                 "2N-1) in the registered keys; register keys with it, or ask for complex_scores"
             )
-        ciphertext = Sealed(query, self._load_query(query))
-        per_chunk = entry.plan.items_per_chunk
+        call = ScoreCall(catalog_name, key_id, keys, Sealed(query, self._load_query(query)))
         if positions is None:
-            runs = self.backend.score(catalog_name, key_id, keys, ciphertext)
+            runs = self.backend.score(call)
             count = catalog.item_count
         else:
             rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
-            chunks = [rows[at : at + per_chunk] for at in range(0, len(positions), per_chunk)]
-            results = self.engine.score(entry.plan, chunks, ciphertext.value, keys.value)
-            runs = (wire.to_bytes(scores) for scores in results)
+            runs = self.backend.score_rows(call, rows)
             count = len(positions)
-        per_response = per_chunk if complex_scores else self.params.slot_count
-        total = -(-count // per_response)
+        per_response = entry.plan.items_per_chunk if complex_scores else self.params.slot_count
+        total = ceil_div(count, per_response)
         index = 0
         try:
             for scores in runs:
@@ -253,7 +263,7 @@ class Scorer:
         """A chunk's result as it goes on the wire: with noise, split if real slots were asked."""
         if complex_scores and not self.protection.enabled:
             return [wire.ciphertext_to_wire(scores)]
-        ciphertext = wire.load_ciphertext(self.engine.context, scores, _OWN_RESULT_BYTES)
+        ciphertext = wire.load_ciphertext(self.engine.context, scores, BOUNDED_OBJECT_BYTES)
         self._noise.add_to(ciphertext)
         parts = [ciphertext] if complex_scores else self.engine.split_complex(ciphertext, keys)
         return [wire.ciphertext_to_wire(wire.to_bytes(part)) for part in parts]

@@ -1,0 +1,135 @@
+"""A pool worker process and the messages it exchanges with the front (`pool.py`).
+
+Each message is a small frozen dataclass, one per kind, sent whole over the
+worker's pipe. Every reply names the request it answers (`request_id`), so one
+reader thread per worker in the front can route replies to concurrent requests.
+The worker itself is a `Shard` answering requests in the order they arrive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from heserve.backends.shard import Shard, ShardQuery
+from heserve.he.engine import Engine, Progress, QueryError
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.params import CkksParameters
+from heserve.protocol.slots import FloatArray
+
+# --- front → worker ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadShard:
+    """Encode this worker's chunks of a catalog (`rows`: one entry per chunk)."""
+
+    request_id: int
+    catalog: str
+    plan: DiagonalPlan
+    rows: tuple[FloatArray, ...]
+    memory_budget: int | None
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    """Score a query; `indices` are the catalog-wide chunk indices of the results."""
+
+    request_id: int
+    query: ShardQuery
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ForgetKeys:
+    key_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+ToWorker = LoadShard | ScoreShard | ForgetKeys | Stop
+
+# --- worker → front ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkEncoded:
+    """One more chunk of a LoadShard encoded: the front sums the workers' progress."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class ChunkScored:
+    request_id: int
+    index: int
+    scores: bytes
+
+
+@dataclass(frozen=True)
+class Done:
+    """The request is complete (or, for a cancelled query, given up)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request was refused; `reason` becomes a QueryError in the front."""
+
+    request_id: int
+    reason: str
+
+
+FromWorker = ChunkEncoded | ChunkScored | Done | Failed
+
+
+def _progress_to(conn: Connection, request_id: int) -> Progress:
+    return lambda done, total: conn.send(ChunkEncoded(request_id))
+
+
+def serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64) -> None:
+    """A worker's loop: keep a shard, answer requests in order, until Stop or EOF.
+
+    `cancelled`, shared with the front, names the last query the front gave up on
+    (its caller hung up or ran out of time): the worker stops it at the next chunk.
+    """
+    shard = Shard(Engine(params))
+    while True:
+        try:
+            message: ToWorker = conn.recv()
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Stop):
+            return
+        if isinstance(message, ForgetKeys):
+            shard.forget_keys(message.key_id)
+            continue
+        try:
+            _serve(shard, conn, message, cancelled)
+        except (QueryError, wire.SerializationError, KeyError, ValueError) as exc:
+            conn.send(Failed(message.request_id, f"{type(exc).__name__}: {exc}"))
+        else:
+            conn.send(Done(message.request_id))
+
+
+def _serve(
+    shard: Shard, conn: Connection, message: LoadShard | ScoreShard, cancelled: ctypes.c_int64
+) -> None:
+    """Carry out one request, sending its progress or results as they come."""
+    request_id = message.request_id
+    if isinstance(message, LoadShard):
+        progress = _progress_to(conn, request_id)
+        shard.load_catalog(
+            message.catalog, message.plan, message.rows, message.memory_budget, progress
+        )
+        return
+    for index, scores in zip(message.indices, shard.answer(message.query), strict=True):
+        conn.send(ChunkScored(request_id, index, scores))
+        if cancelled.value == request_id:
+            return

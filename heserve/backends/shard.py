@@ -1,0 +1,99 @@
+"""One shard: an engine, its part of every catalog encoded once, and keys by key_id.
+
+The unit of computing every backend is made of: `LocalBackend` holds one in the
+front process, each `PoolBackend` worker process holds one, each Ray
+`ShardActor` holds one. A remote shard receives queries as a `ShardQuery` (bytes
+the Scorer bounded already) and keeps the evaluation keys it was sent until the
+front tells it to forget them; an in-process one is handed loaded SEAL objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import tenseal.sealapi as seal
+
+from heserve.backends.base import BOUNDED_OBJECT_BYTES
+from heserve.he.engine import Chunk, Engine, Progress
+from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
+from heserve.protocol.slots import FloatArray
+
+
+@dataclass(frozen=True)
+class ShardQuery:
+    """A query as a remote shard receives it.
+
+    `keys` comes along the first time this shard sees `key_id` (None after that);
+    `rows`, when set, are the chunks of re-ranking candidates this shard scores
+    under the catalog's layout, instead of its own chunks of the catalog.
+    """
+
+    catalog: str
+    key_id: str
+    query: bytes
+    keys: bytes | None = None
+    rows: tuple[FloatArray, ...] | None = None
+
+
+class Shard:
+    """Encoded chunks of catalogs by name, and Galois keys by key_id, over one Engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._catalogs: dict[str, tuple[DiagonalPlan, list[Chunk]]] = {}
+        self._keys: dict[str, seal.GaloisKeys] = {}
+
+    def load_catalog(
+        self,
+        name: str,
+        plan: DiagonalPlan,
+        rows: Sequence[FloatArray],
+        memory_budget: int | None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Encode this shard's chunks of a catalog (each entry of `rows`: one chunk's rows)."""
+        chunks = self.engine.encode_chunks(plan, rows, memory_budget, progress)
+        self._catalogs[name] = (plan, chunks)
+
+    def holds_catalog(self, name: str) -> bool:
+        return name in self._catalogs
+
+    def plan(self, catalog: str) -> DiagonalPlan:
+        """The slot layout of a catalog this shard holds."""
+        return self._catalogs[catalog][0]
+
+    def score(
+        self,
+        catalog: str,
+        query: seal.Ciphertext,
+        keys: seal.GaloisKeys,
+        rows: Iterable[FloatArray] | None = None,
+    ) -> Iterator[bytes]:
+        """Serialized score ciphertexts, one per chunk in order: of this shard's chunks of
+        `catalog`, or of `rows` (chunks of candidates, encoded on the fly) in its layout."""
+        plan, chunks = self._catalogs[catalog]
+        for scores in self.engine.score(plan, chunks if rows is None else rows, query, keys):
+            yield wire.to_bytes(scores)
+
+    def answer(self, request: ShardQuery) -> Iterator[bytes]:
+        """`score` for a query that arrived as bytes, keeping the keys it brought."""
+        if request.keys is not None:
+            self.add_keys(request.key_id, request.keys)
+        keys = self._keys[request.key_id]
+        query = wire.load_ciphertext(self.engine.context, request.query, BOUNDED_OBJECT_BYTES)
+        return self.score(request.catalog, query, keys, request.rows)
+
+    def add_keys(self, key_id: str, blob: bytes) -> None:
+        """Load and keep keys the Scorer already validated."""
+        self._keys[key_id] = wire.load_galois_keys(self.engine.context, blob, BOUNDED_OBJECT_BYTES)
+
+    def holds_keys(self, key_id: str) -> bool:
+        return key_id in self._keys
+
+    def held_keys(self) -> list[str]:
+        return sorted(self._keys)
+
+    def forget_keys(self, key_id: str) -> None:
+        self._keys.pop(key_id, None)
