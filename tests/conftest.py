@@ -3,7 +3,8 @@ real SEAL key pair for the layer tests (protocol, he) that work below the client
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -185,3 +186,13 @@ def raw_scores(
             values = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
         scores[reply.offset : reply.offset + reply.count] = values
     return scores
+
+
+def reap(processes: Iterable[subprocess.Popen[str]]) -> None:
+    """Kill any of `processes` still running, wait for each, and close their stdout pipes."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import pytest
 import tenseal.sealapi as seal
 import zstandard
+from conftest import TIMEOUT, key_chunks, raw_scores, register_keys, serving
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -29,7 +30,7 @@ from heserve.domain.scorer import Scorer, SizeLimits
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
 from heserve.protocol.reasons import ERROR_DOMAIN, KEY_NOT_FOUND
-from heserve.protocol.slots import query_slots, unpack_complex
+from heserve.protocol.slots import query_slots
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -43,7 +44,6 @@ from heserve_client import (
 )
 
 FloatArray = npt.NDArray[np.float64]
-TIMEOUT = 60.0
 SEAL_HEADER = struct.Struct("<HBBBBHQ")
 # Valid 128-bit parameters that are not the server's: one more data prime, and a
 # larger ring. Derived from the defaults so every other setting matches.
@@ -89,14 +89,11 @@ class Party:
         self.evaluator.mod_switch_to_next(ciphertext, lowered)
         return wire.to_bytes(lowered)
 
-    def decrypt(self, blob: bytes) -> FloatArray:
-        ciphertext = wire.load_ciphertext(self.context, blob, 1 << 24)
-        plaintext = seal.Plaintext()
-        self.decryptor.decrypt(ciphertext, plaintext)
-        return np.asarray(self.encoder.decode_double(plaintext), dtype=np.float64)
+    def decrypt(self, blob: bytes, max_bytes: int) -> FloatArray:
+        return self.decrypt_complex(blob, max_bytes).real.copy()
 
-    def decrypt_complex(self, blob: bytes) -> npt.NDArray[np.complex128]:
-        ciphertext = wire.load_ciphertext(self.context, blob, 1 << 24)
+    def decrypt_complex(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.complex128]:
+        ciphertext = wire.load_ciphertext(self.context, blob, max_bytes)
         plaintext = seal.Plaintext()
         self.decryptor.decrypt(ciphertext, plaintext)
         return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
@@ -105,16 +102,6 @@ class Party:
 def code_of(error: grpc.RpcError) -> grpc.StatusCode:
     assert isinstance(error, grpc.Call)
     return error.code()
-
-
-def chunked(blob: bytes, size: int = 1 << 20) -> Iterator[pb.RegisterKeysRequest]:
-    for start in range(0, len(blob), size):
-        yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + size])
-
-
-def register(stub: pb_grpc.ScoringServiceStub, blob: bytes, size: int = 1 << 20) -> str:
-    reply = stub.RegisterKeys(chunked(blob, size), timeout=TIMEOUT)
-    return str(reply.key_id)
 
 
 def register_code(
@@ -129,19 +116,6 @@ def score_error(stub: pb_grpc.ScoringServiceStub, request: pb.ScoreRequest) -> g
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Score(request, timeout=TIMEOUT))
     return info.value
-
-
-def score(
-    stub: pb_grpc.ScoringServiceStub, party: Party, request: pb.ScoreRequest, count: int
-) -> FloatArray:
-    scores = np.full(count, np.nan)
-    for reply in stub.Score(request, timeout=TIMEOUT):
-        if request.complex_scores:
-            values = unpack_complex(party.decrypt_complex(reply.scores), reply.count)
-        else:
-            values = party.decrypt(reply.scores)[: reply.count]
-        scores[reply.offset : reply.offset + reply.count] = values
-    return scores
 
 
 def assert_alive(stub: pb_grpc.ScoringServiceStub) -> None:
@@ -173,7 +147,7 @@ def party() -> Party:
 
 @pytest.fixture(scope="module")
 def key_id(stub: pb_grpc.ScoringServiceStub, party: Party, info: pb.GetServerInfoResponse) -> str:
-    return register(stub, party.galois_keys(list(info.ckks.galois_steps)))
+    return register_keys(stub, party.galois_keys(list(info.ckks.galois_steps)))
 
 
 @pytest.fixture
@@ -194,7 +168,7 @@ def assert_scores_right(
     films: Catalog,
     user: FloatArray,
 ) -> None:
-    scores = score(stub, party, request, films.item_count)
+    scores = raw_scores(stub, party, request, films.item_count)
     assert np.abs(scores - films.embeddings @ user).max() < 1e-4
 
 
@@ -220,7 +194,7 @@ def test_secret_key_is_refused_and_not_stored(
     blob = wire.to_bytes(party.keygen.secret_key())
     before = len(scorer.keys)
 
-    assert register_code(stub, list(chunked(blob))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert register_code(stub, list(key_chunks(blob))) == grpc.StatusCode.INVALID_ARGUMENT
 
     assert len(scorer.keys) == before
     assert_alive(stub)
@@ -233,7 +207,7 @@ def test_public_key_is_refused(
     party.keygen.create_public_key(public_key)
     before = len(scorer.keys)
 
-    code = register_code(stub, list(chunked(wire.to_bytes(public_key))))
+    code = register_code(stub, list(key_chunks(wire.to_bytes(public_key))))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(scorer.keys) == before
@@ -245,7 +219,7 @@ def test_relin_keys_are_refused(
 ) -> None:
     before = len(scorer.keys)
 
-    code = register_code(stub, list(chunked(wire.to_bytes(party.keygen.create_relin_keys()))))
+    code = register_code(stub, list(key_chunks(wire.to_bytes(party.keygen.create_relin_keys()))))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(scorer.keys) == before
@@ -265,10 +239,10 @@ def test_galois_keys_missing_a_step_are_refused(
 
     for missing in steps[1:]:
         blob = party.galois_keys([step for step in steps if step != missing])
-        code = register_code(stub, list(chunked(blob)))
+        code = register_code(stub, list(key_chunks(blob)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, f"keys without step {missing}"
         blob = party.galois_keys([step for step in steps if step not in (0, missing)])
-        code = register_code(stub, list(chunked(blob)))
+        code = register_code(stub, list(key_chunks(blob)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, f"keys without steps 0 and {missing}"
 
     assert len(scorer.keys) == before
@@ -286,7 +260,7 @@ def test_keys_without_the_conjugation_key_score_complex_only(
     steps = list(info.ckks.galois_steps)
     assert steps[0] == 0
     before = len(scorer.keys)
-    key_id = register(stub, party.galois_keys(steps[1:]))  # accepted without step 0
+    key_id = register_keys(stub, party.galois_keys(steps[1:]))  # accepted without step 0
     assert len(scorer.keys) == before + 1
     request = pb.ScoreRequest(key_id=key_id, catalog="films", query=party.query(films_user))
 
@@ -303,11 +277,11 @@ def test_keys_without_the_conjugation_key_score_complex_only(
     request.complex_scores = True
     assert_scores_right(stub, party, request, films, films_user)
     request.item_ids.extend(["films-3", "films-1"])
-    scores = score(stub, party, request, 2)
+    scores = raw_scores(stub, party, request, 2)
     assert np.abs(scores - films.embeddings[[3, 1]] @ films_user).max() < 1e-4
 
     # with the conjugation key added, the same request in real slots scores too
-    full = register(stub, party.galois_keys(steps))
+    full = register_keys(stub, party.galois_keys(steps))
     real = pb.ScoreRequest(key_id=full, catalog="films", query=request.query)
     assert_scores_right(stub, party, real, films, films_user)
     for held in (key_id, full):
@@ -326,7 +300,7 @@ def test_galois_keys_under_other_parameters_are_refused(
     assert len(blob) <= info.limits.max_key_bytes  # refused for what it is, not its size
     before = len(scorer.keys)
 
-    assert register_code(stub, list(chunked(blob))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert register_code(stub, list(key_chunks(blob))) == grpc.StatusCode.INVALID_ARGUMENT
 
     assert len(scorer.keys) == before
     assert_alive(stub)
@@ -350,7 +324,7 @@ def test_truncated_galois_keys_are_refused(
 ) -> None:
     blob = party.galois_keys(list(info.ckks.galois_steps))
 
-    code = register_code(stub, list(chunked(blob[: len(blob) // 2])))
+    code = register_code(stub, list(key_chunks(blob[: len(blob) // 2])))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert_alive(stub)
@@ -370,7 +344,7 @@ def test_random_body_under_a_valid_seal_header_is_refused(
     blob = with_seal_header(os.urandom(length), party.galois_keys([1]))
     before = len(scorer.keys)
 
-    assert register_code(stub, list(chunked(blob))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert register_code(stub, list(key_chunks(blob))) == grpc.StatusCode.INVALID_ARGUMENT
 
     assert len(scorer.keys) == before
     assert_alive(stub)
@@ -382,7 +356,7 @@ def test_galois_keys_cut_short_under_a_patched_header_are_refused(
     blob = bytearray(party.galois_keys(list(info.ckks.galois_steps))[:200_000])
     struct.pack_into("<Q", blob, 8, len(blob))  # the header now agrees with the length
 
-    assert register_code(stub, list(chunked(bytes(blob)))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert register_code(stub, list(key_chunks(bytes(blob)))) == grpc.StatusCode.INVALID_ARGUMENT
     assert_alive(stub)
 
 
@@ -418,7 +392,7 @@ def test_key_decompression_bomb_is_refused(
     assert len(bomb) < 64 << 10  # small on the wire, huge when inflated
     before = len(scorer.keys)
 
-    code = register_code(stub, list(chunked(bomb)))
+    code = register_code(stub, list(key_chunks(bomb)))
 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(scorer.keys) == before
@@ -432,7 +406,7 @@ def test_compressed_zeros_within_the_limit_are_invalid_not_exhausted(
     # not being keys: the bomb above was refused for its inflated size.
     template = party.galois_keys([1])
 
-    code = register_code(stub, list(chunked(seal_bomb(1 << 20, 2, template))))
+    code = register_code(stub, list(key_chunks(seal_bomb(1 << 20, 2, template))))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert_alive(stub)
@@ -447,12 +421,12 @@ def test_registering_the_same_bytes_twice_returns_the_same_key_id(
     blob = party.galois_keys(list(info.ckks.galois_steps))
     before = len(scorer.keys)
 
-    first = register(stub, blob)
-    second = register(stub, blob, size=100_000)  # other chunking, same bytes
+    first = register_keys(stub, blob)
+    second = register_keys(stub, blob, size=100_000)  # other chunking, same bytes
 
     assert first == second
     assert len(scorer.keys) == before + 1
-    other = register(stub, party.galois_keys(list(info.ckks.galois_steps)))
+    other = register_keys(stub, party.galois_keys(list(info.ckks.galois_steps)))
     assert other != first  # fresh keys (new randomness) are other bytes
     assert stub.DeleteKeys(pb.DeleteKeysRequest(key_id=first), timeout=TIMEOUT).deleted
     assert stub.DeleteKeys(pb.DeleteKeysRequest(key_id=other), timeout=TIMEOUT).deleted
@@ -461,9 +435,8 @@ def test_registering_the_same_bytes_twice_returns_the_same_key_id(
 @pytest.fixture(scope="module")
 def small_key_limit_server(films: Catalog) -> Iterator[RunningServer]:
     scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=SizeLimits(max_key_bytes=256 << 10))
-    running = start_server(scorer, "127.0.0.1", 0)
-    yield running
-    running.stop(grace=None)
+    with serving(scorer) as running:
+        yield running
 
 
 def test_key_upload_over_max_key_bytes_is_exhausted(
@@ -476,7 +449,7 @@ def test_key_upload_over_max_key_bytes_is_exhausted(
         blob = party.galois_keys(steps)  # real keys, just larger than this server allows
         assert len(blob) > limits.max_key_bytes
 
-        code = register_code(small, list(chunked(blob, 64 << 10)))
+        code = register_code(small, list(key_chunks(blob, 64 << 10)))
 
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert_alive(small)
@@ -526,9 +499,8 @@ def test_more_item_ids_than_the_limit_are_exhausted(
 @pytest.fixture(scope="module")
 def few_ids_server(films: Catalog) -> Iterator[RunningServer]:
     scorer = Scorer(DEFAULT_PARAMETERS, [films], limits=SizeLimits(max_item_ids=3))
-    running = start_server(scorer, "127.0.0.1", 0)
-    yield running
-    running.stop(grace=None)
+    with serving(scorer) as running:
+        yield running
 
 
 def test_item_id_limit_is_inclusive(
@@ -538,13 +510,13 @@ def test_item_id_limit_is_inclusive(
         small = pb_grpc.ScoringServiceStub(channel)
         steps = list(small.GetServerInfo(pb.GetServerInfoRequest()).ckks.galois_steps)
         request = pb.ScoreRequest(
-            key_id=register(small, party.galois_keys(steps)),
+            key_id=register_keys(small, party.galois_keys(steps)),
             catalog="films",
             query=party.query(films_user),
             item_ids=["films-5", "films-0", "films-9"],
         )
 
-        scores = score(small, party, request, 3)
+        scores = raw_scores(small, party, request, 3)
         assert np.abs(scores - films.embeddings[[5, 0, 9]] @ films_user).max() < 1e-4
 
         request.item_ids.append("films-1")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import pytest
+from conftest import TIMEOUT, raw_scores, reap, register_keys, serving
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,7 +39,7 @@ from heserve.domain.scorer import Scorer
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.slots import query_slots
 from heserve.transport.auth import Authenticator, QueryBudget, TokenError, owner_tag, parse_tokens
-from heserve.transport.server import RunningServer, TlsConfig, start_server
+from heserve.transport.server import TlsConfig
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client import (
@@ -49,7 +51,6 @@ from heserve_client import (
     ServerUnavailableError,
 )
 
-TIMEOUT = 60.0
 ITEMS, DIMENSION = 500, 16
 
 
@@ -198,16 +199,13 @@ def user() -> np.ndarray:
 @pytest.fixture
 def serve(shop_scorer: Scorer) -> Iterator[Callable[..., str]]:
     """Start servers for the shop catalog with the given options; returns their target."""
-    running: list[RunningServer] = []
+    with ExitStack() as running:
 
-    def start(**options: Any) -> str:
-        server = start_server(shop_scorer, "127.0.0.1", 0, **options)
-        running.append(server)
-        return f"127.0.0.1:{server.port}"
+        def start(**options: Any) -> str:
+            server = running.enter_context(serving(shop_scorer, **options))
+            return f"127.0.0.1:{server.port}"
 
-    yield start
-    for server in running:
-        server.stop(grace=None)
+        yield start
 
 
 def _token() -> str:
@@ -325,15 +323,6 @@ def test_every_call_but_health_needs_a_known_token(
     np.testing.assert_allclose(scores, shop.embeddings @ user, atol=1e-4)
 
 
-def _register(stub: pb_grpc.ScoringServiceStub, blob: bytes, token: str) -> str:
-    chunks = [
-        pb.RegisterKeysRequest(galois_keys_chunk=blob[i : i + (1 << 20)])
-        for i in range(0, len(blob), 1 << 20)
-    ]
-    reply = stub.RegisterKeys(iter(chunks), timeout=TIMEOUT, metadata=_bearer(token))
-    return str(reply.key_id)
-
-
 def test_keys_belong_to_the_token_that_registered_them(
     serve: Callable[..., str], shop: Catalog, user: np.ndarray
 ) -> None:
@@ -349,16 +338,15 @@ def test_keys_belong_to_the_token_that_registered_them(
         blob = party.galois_keys(list(steps))
         query = party.encrypt(query_slots(user, DIMENSION, DEFAULT_PARAMETERS.slot_count))
 
-        alices = _register(stub, blob, alice)
-        bobs = _register(stub, blob, bob)  # the very same bytes
+        alices = register_keys(stub, blob, metadata=_bearer(alice))
+        bobs = register_keys(stub, blob, metadata=_bearer(bob))  # the very same bytes
         assert alices != bobs
         assert alices.endswith(owner_tag("alice")) and bobs.endswith(owner_tag("bob"))
-        assert _register(stub, blob, alice) == alices  # idempotent per owner
+        assert register_keys(stub, blob, metadata=_bearer(alice)) == alices  # idempotent per owner
 
         def score(key_id: str, token: str) -> np.ndarray:
             request = pb.ScoreRequest(key_id=key_id, catalog="shop", query=query)
-            replies = list(stub.Score(request, timeout=TIMEOUT, metadata=_bearer(token)))
-            return np.concatenate([party.decrypt(r.scores, 1 << 24)[: r.count] for r in replies])
+            return raw_scores(stub, party, request, ITEMS, metadata=_bearer(token))
 
         def delete(key_id: str, token: str) -> bool:
             request = pb.DeleteKeysRequest(key_id=key_id)
@@ -483,12 +471,7 @@ class Served:
 def cli_servers() -> Iterator[list[Served]]:
     started: list[Served] = []
     yield started
-    for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-        served.process.wait(timeout=30)
-        if served.process.stdout is not None:
-            served.process.stdout.close()
+    reap(served.process for served in started)
 
 
 def _serve_cli(
