@@ -1,6 +1,6 @@
 """Operating a server: metrics scraped over HTTP, request ids in metadata and logs,
-deadlines, the concurrency bound, message sizes, and settings from flags, environment
-and config file; against real servers on loopback.
+deadlines, the concurrency bound and message sizes, against real servers on loopback.
+Settings (flags, environment, config file) are tested in test_ops_config.py.
 """
 
 from __future__ import annotations
@@ -8,16 +8,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -29,8 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from heserve.backends.base import Backend
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import Scorer, SizeLimits
-from heserve.ops import config
-from heserve.ops.cli import build_parser
 from heserve.ops.logs import JsonFormatter, KeyValueFormatter
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.slots import query_slots
@@ -412,175 +405,6 @@ def test_message_limits_are_enforced_reported_and_followed_by_the_client(
     with Client(f"127.0.0.1:{large.port}") as client:
         assert client.max_message_bytes == 40 << 20  # reopened to take the server's limit
         assert client.item_ids("shop")[:2] == ["shop-0", "shop-1"]
-
-
-# --- configuration --------------------------------------------------------------------------
-
-
-def _resolve(argv: list[str], environ: dict[str, str]) -> config.ServeConfig:
-    return config.resolve(build_parser().parse_args(["serve", *argv]), environ)
-
-
-def test_settings_take_flags_over_environment_over_file_over_defaults(tmp_path: Path) -> None:
-    (tmp_path / "conf").mkdir()
-    file = tmp_path / "conf" / "heserve.toml"
-    file.write_text(
-        'port = 3333\nmax-keys = 5\nkey_ttl = 99\nlog-level = "debug"\n'
-        'tokens = ["alice:' + "a" * 20 + '"]\n'
-        'tls-cert = "certs/server.pem"\ntls-key = "/abs/key.pem"\n'
-        '[catalog]\nbooks = "books.npz"\n'
-    )
-    environ = {
-        "HESERVE_CONFIG": str(file),
-        "HESERVE_PORT": "2222",
-        "HESERVE_MAX_KEYS": "7",
-        "HESERVE_CATALOG": "films=films.npy,music=music.npy",
-        "HESERVE_THREADS": "",  # empty: not set
-        "UNRELATED": "1",
-    }
-
-    settings = _resolve(["--port", "1111", "--catalog", "x=x.npy"], environ)
-
-    assert settings.port == 1111 and settings.sources["port"] == "flag"
-    assert settings.max_keys == 7 and settings.sources["max_keys"] == "env"
-    assert settings.key_ttl == 99 and settings.sources["key_ttl"] == "file"
-    assert settings.log_level == "DEBUG"
-    assert settings.threads == 8 and settings.sources["threads"] == "default"
-    assert settings.catalog == (("x", Path("x.npy")),)  # a flag replaces, never merges
-    assert settings.tokens == "alice:" + "a" * 20
-    # paths in the file are relative to the file
-    assert settings.tls_cert == tmp_path / "conf" / "certs" / "server.pem"
-    assert settings.tls_key == Path("/abs/key.pem")
-
-    settings = _resolve([], environ)
-    assert settings.port == 2222
-    assert settings.catalog == (("films", Path("films.npy")), ("music", Path("music.npy")))
-
-    settings = _resolve([], {"HESERVE_CONFIG": str(file)})
-    assert settings.port == 3333
-    assert settings.catalog == (("books", tmp_path / "conf" / "books.npz"),)
-
-    other = tmp_path / "other.toml"
-    other.write_text("port = 4444\n")
-    assert _resolve(["--config", str(other)], {"HESERVE_CONFIG": str(file)}).port == 4444
-
-    defaults = _resolve([], {})
-    assert (defaults.port, defaults.host, defaults.max_concurrent_rpcs) == (50051, "127.0.0.1", 32)
-    assert defaults.tls_cert is None and defaults.tokens_file is None
-    assert set(defaults.sources.values()) == {"default"}
-
-
-@pytest.mark.parametrize(
-    ("argv", "environ", "file", "message"),
-    [
-        (["--port", "x"], {}, None, "--port: expected an integer"),
-        ([], {"HESERVE_MAX_KEYS": "many"}, None, "HESERVE_MAX_KEYS: expected an integer"),
-        ([], {}, "mystery = 1\n", "unknown setting 'mystery'"),
-        ([], {}, 'port = "high"\n', "port: expected an integer"),
-        ([], {}, "port = [\n", "config file"),
-        (["--tls-key", "k.pem"], {}, None, "tls-cert and tls-key go together"),
-        ([], {"HESERVE_TLS_CLIENT_CA": "ca.pem"}, None, "needs tls-cert"),
-        (["--max-message-bytes", "1000"], {}, None, "--max-message-bytes: must be at least"),
-        ([], {"HESERVE_PORT": "70000"}, None, "HESERVE_PORT: not a port number"),
-        (["--log-level", "LOUD"], {}, None, "--log-level: expected one of"),
-        (["--catalog", "books"], {}, None, "expected NAME=PATH"),
-        ([], {}, "query-budget-window = 0\n", "must be positive"),
-    ],
-)
-def test_bad_settings_name_their_source(
-    tmp_path: Path, argv: list[str], environ: dict[str, str], file: str | None, message: str
-) -> None:
-    if file is not None:
-        (tmp_path / "heserve.toml").write_text(file)
-        argv = ["--config", str(tmp_path / "heserve.toml"), *argv]
-    with pytest.raises(config.ConfigError) as refused:
-        _resolve(argv, environ)
-    assert message in str(refused.value)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HESERVE_")}
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
-
-
-def test_serve_help_documents_every_setting() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "heserve.ops.cli", "serve", "--help"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    text = " ".join(result.stdout.split())  # undo the wrapping
-    assert "--config" in text and "HESERVE_CONFIG" in text
-    for option in config.OPTIONS:
-        assert option.env in text, option.name
-        if option.flag:
-            assert f"--{option.name} " in text, option.name
-        else:
-            assert re.search(rf"\b{option.name}\b", text), option.name
-    assert "flag, its environment variable" in text
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def test_heserve_serve_reads_flags_environment_and_config_file(tmp_path: Path) -> None:
-    """A real `heserve serve`: the file sets the metrics port, the environment overrides it
-    and sets JSON logs, a flag overrides the log level; the server shows each choice."""
-    np.save(tmp_path / "shop.npy", unit_rows(50, 4, seed=56))
-    file_port, env_port = _free_port(), _free_port()
-    (tmp_path / "heserve.toml").write_text(
-        f'catalog = ["shop=shop.npy"]\nworkers = 0\nmetrics-port = {file_port}\n'
-        'log-level = "ERROR"\nmax-concurrent-rpcs = 9\n'
-    )
-    env = _env() | {
-        "HESERVE_CONFIG": "heserve.toml",
-        "HESERVE_METRICS_PORT": str(env_port),
-        "HESERVE_LOG_FORMAT": "json",
-        "HESERVE_LOG_LEVEL": "WARNING",
-    }
-    log = tmp_path / "serve.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "heserve.ops.cli",
-                "serve",
-                "--port",
-                "0",
-                "--log-level",
-                "INFO",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert f"metrics on 127.0.0.1:{env_port}" in line, (line, log.read_text())
-        samples = _scrape(env_port)
-        assert samples[("heserve_max_concurrent_rpcs", ())] == 9
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
-    records = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-    assert any(r["msg"].startswith("heserve listening") for r in records)  # INFO, as flagged
-    assert all(r["level"] in {"INFO", "WARNING", "ERROR", "CRITICAL"} for r in records)
 
 
 def test_the_client_sends_its_token_and_a_deadline_on_every_call(

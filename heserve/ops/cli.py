@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,9 @@ from heserve.domain.protection import ScoreProtection
 from heserve.domain.scorer import KeyRetentionPolicy, Scorer, SizeLimits
 from heserve.ops import config, logs
 from heserve.ops.progress import ProgressBar
-from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
-from heserve.transport.auth import Authenticator, QueryBudget
+from heserve.protocol.params import PRESETS, CkksParameters
+from heserve.transport.auth import Authenticator, QueryBudget, parse_tokens
 from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
-
-log = logging.getLogger("heserve")
 
 
 def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> list[Catalog]:
@@ -39,19 +36,19 @@ def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> lis
     return [load_catalog(name, path, ids_by_name.get(name)) for name, path in specs]
 
 
-def _backend(args: argparse.Namespace | config.ServeConfig, params: CkksParameters) -> Backend:
-    budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
-    if getattr(args, "backend", "process") == "ray":
+def _backend(settings: config.Settings, params: CkksParameters) -> Backend:
+    budget = None if settings.memory_budget_mib is None else settings.memory_budget_mib << 20
+    if settings.backend == "ray":
         try:
             from heserve.backends.ray_cluster import RayBackend
         except ImportError:
             raise config.ConfigError(
                 "--backend ray needs Ray: pip install 'heserve[ray]'"
             ) from None
-        return RayBackend(params, args.ray_address, args.workers or None, budget)
-    if args.workers == 0:
+        return RayBackend(params, settings.ray_address, settings.workers or None, budget)
+    if settings.workers == 0:
         return LocalBackend(params, budget)
-    return PoolBackend(params, args.workers, budget)
+    return PoolBackend(params, settings.workers, budget)
 
 
 def _scorer(
@@ -82,9 +79,7 @@ def _scorer(
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    settings = config.resolve(args, os.environ)
-    logs.configure(settings.log_level, settings.log_format)
+def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     # Everything that can be wrong with the files is found before the catalogs are encoded.
     authenticator = Authenticator.load(settings.tokens_file, settings.tokens)
     budget = (
@@ -152,14 +147,14 @@ def _print_ranking(rows: Sequence[tuple[str, float]]) -> None:
 
 
 def _client_token(path: Path | None) -> str | None:
-    """The token in `path` (its first entry; a NAME:TOKEN line gives TOKEN), else HESERVE_TOKEN."""
+    """The token in `path` (its first entry, in the server's tokens-file format: a
+    NAME:TOKEN line gives TOKEN), else the HESERVE_TOKEN variable."""
     if path is None:
         return os.environ.get("HESERVE_TOKEN", "").strip() or None
-    for line in path.read_text().splitlines():
-        entry = line.strip()
-        if entry and not entry.startswith("#"):
-            return entry.rpartition(":")[2].strip()
-    raise ValueError(f"{path} holds no token")
+    entries = parse_tokens(path.read_text(), str(path))
+    if not entries:
+        raise ValueError(f"{path} holds no token")
+    return entries[0][1]
 
 
 class CommandError(Exception):
@@ -178,7 +173,7 @@ def _client_errors() -> Iterator[None]:
         raise CommandError(str(exc)) from None
 
 
-def cmd_recommend(args: argparse.Namespace) -> int:
+def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
     from heserve_client import Client
 
     vector = np.load(args.vector, allow_pickle=False)
@@ -203,12 +198,12 @@ def _size(count: int) -> str:
     return f"{count / 1024:,.1f} KiB" if count < 1 << 20 else f"{count / (1 << 20):,.2f} MiB"
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
     from heserve_client import Client
 
     catalog = demo_catalog(args.items, args.dimension)
-    params = PRESETS[args.preset]
-    backend = _backend(args, params)
+    params = PRESETS[settings.preset]
+    backend = _backend(settings, params)
     started = time.perf_counter()
     scorer = _scorer([catalog], KeyRetentionPolicy(), params, backend)
     encode_seconds = time.perf_counter() - started
@@ -231,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     order = np.argsort(-plain, kind="stable")[: args.k]
     print(
         f"\nheserve demo: {catalog.item_count:,} items × {catalog.dimension} dims, top {args.k}, "
-        f"preset {args.preset}, {backend.shard_count} shard(s)"
+        f"preset {settings.preset}, {backend.shard_count} shard(s)"
     )
     print(f"{'rank':>4}  {'encrypted':<30} {'plaintext':<30} same")
     for rank, ((item_id, score), index) in enumerate(zip(encrypted, order, strict=True), 1):
@@ -260,61 +255,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=DEFAULT_PRESET,
-        help=f"CKKS parameter preset (default {DEFAULT_PRESET}); see the README for "
-        "precision and speed of each",
+Handler = Callable[[argparse.Namespace, config.Settings], int]
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Handler,
+    options: config.OptionSet,
+    summary: str,
+) -> argparse.ArgumentParser:
+    """A subcommand taking `options` (flags, environment, and for serve the config file)."""
+    parser = commands.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=options.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--tokens SECRET` must not pass for `--tokens-file SECRET`
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="worker processes holding catalog shards (default: one per core; "
-        "0: score in the server process)",
-    )
-    parser.add_argument(
-        "--memory-budget-mib",
-        type=int,
-        default=None,
-        help="memory for encoded catalog chunks, in MiB; chunks past it are encoded "
-        "per query (default: no limit)",
-    )
+    options.add_arguments(parser)
+    parser.set_defaults(handler=handler, options=options)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="heserve", description="Privacy-preserving recommendation scoring with CKKS."
+        prog="heserve",
+        description="Privacy-preserving recommendation scoring with CKKS.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"heserve {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=argparse.SUPPRESS,
-        help="logging level (DEBUG, INFO, WARNING, ERROR); default WARNING, or INFO for serve",
-    )
+    config.LOGGING.add_arguments(parser)  # also after the command's name: each command has them
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser(
-        "serve",
-        help="run the gRPC scoring server",
-        description="Run the gRPC scoring server.",
-        epilog=config.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    config.add_arguments(serve)
-    serve.set_defaults(handler=cmd_serve)
+    _command(commands, "serve", cmd_serve, config.SERVE, "run the gRPC scoring server")
 
-    demo = commands.add_parser("demo", help="run a server and a client end to end, in process")
+    demo = _command(
+        commands, "demo", cmd_demo, config.DEMO, "run a server and a client end to end, in process"
+    )
     demo.add_argument("--items", type=int, default=10_000, help="demo catalog size")
     demo.add_argument("--dimension", type=int, default=64, help="demo embedding dimension")
     demo.add_argument("-k", type=int, default=10, help="how many items to recommend")
     demo.add_argument("--seed", type=int, default=7, help="seed of the demo user vector")
-    _add_engine_options(demo)
-    demo.set_defaults(handler=cmd_demo)
 
-    recommend = commands.add_parser("recommend", help="recommend items from a running server")
+    recommend = _command(
+        commands,
+        "recommend",
+        cmd_recommend,
+        config.RECOMMEND,
+        "recommend items from a running server",
+    )
     recommend.add_argument("--server", required=True, metavar="HOST:PORT")
     recommend.add_argument("--catalog", required=True)
     recommend.add_argument("--vector", required=True, type=Path, help="user vector, .npy")
@@ -342,22 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument(
         "--tls-server-name", metavar="NAME", help="name the server's certificate must carry"
     )
-    recommend.set_defaults(handler=cmd_recommend)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, resolve the command's settings, set up logging once, run the command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    options: config.OptionSet = args.options
+    handler: Handler = args.handler
     try:
-        result: int = args.handler(args)
+        settings = options.resolve(args, os.environ)
+        logs.configure(settings.log_level, settings.log_format)
+        return handler(args, settings)
     except (CatalogError, OSError, ValueError, CommandError) as exc:
         print(f"heserve: error: {exc}", file=sys.stderr)
         return 2
-    return result
 
 
 if __name__ == "__main__":

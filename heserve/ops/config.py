@@ -1,21 +1,29 @@
-"""`heserve serve` settings from flags, HESERVE_* environment variables and a TOML file.
+"""`heserve` settings, declared once: each is a field of `Settings`.
 
-Every setting has three spellings: the flag `--max-keys 10`, the environment variable
-`HESERVE_MAX_KEYS=10` and the config file key `max-keys = 10` (or `max_keys`). A flag
-beats the environment, which beats the config file (`--config heserve.toml` or
-HESERVE_CONFIG), which beats the default. `tokens` has no flag, so that no API token
-shows in a process listing. Relative paths in the config file are relative to it.
+A field's type, default, help and bounds are all there is to a setting; everything else
+is derived from them: the flag `--max-keys 10`, the environment variable
+`HESERVE_MAX_KEYS=10`, the config file key `max-keys = 10` (or `max_keys`), the line in
+`--help`, the conversion and the range check. A flag beats the environment, which
+beats the config file (`--config heserve.toml` or HESERVE_CONFIG, `serve` only), which
+beats the default. `tokens` has no flag, so that no API token shows in a process
+listing. Relative paths in the config file are relative to it.
+
+Each command takes some of the settings (an `OptionSet`): `serve` all of them, `demo`
+the engine's and the logs', `recommend` the logs'. What a command does not take stays
+at its default, whatever the environment says.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 from heserve.ops.logs import FORMATS, LEVELS
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS
@@ -25,6 +33,21 @@ CONFIG_ENV = "HESERVE_CONFIG"
 MIN_MESSAGE_BYTES = 2 << 20  # a 1 MiB key chunk, or the largest query, with room to spare
 Kind = Literal["int", "float", "str", "path", "pairs", "entries"]
 
+Pairs = tuple[tuple[str, Path], ...]
+"""NAME=PATH entries: repeated flags, a comma-separated variable, a TOML list or table."""
+Entries = NewType("Entries", str)
+"""Newline-separated entries: a string, or (in a TOML file) a list of strings."""
+
+_OPTION = "heserve.option"  # the key of a field's Option in its metadata
+_KINDS: dict[object, Kind] = {
+    int: "int",
+    float: "float",
+    str: "str",
+    Path: "path",
+    Pairs: "pairs",
+    Entries: "entries",
+}
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used, with where it came from."""
@@ -32,16 +55,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One setting of `heserve serve`."""
+    """One setting: what `Settings` declares for a field, with its derived spellings."""
 
-    name: str
-    kind: Kind
+    name: str  # the flag's and the config file's spelling: the field's name with '-'
+    kind: Kind  # from the field's type
     default: Any
     help: str
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # matched case-insensitively; the value is the choice
     metavar: str | None = None
     flag: bool = True
     shown_default: str | None = None  # for --help, when `default` depends on the machine
+    at_least: float | None = None
+    at_most: float | None = None
+    positive: bool = False
+    out_of_range: str | None = None  # the message when above `at_most`
 
     @property
     def dest(self) -> str:
@@ -51,275 +78,267 @@ class Option:
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
+    def check(self, value: Any, origin: str) -> None:
+        """Refuse a value outside the option's range, naming where it came from."""
+        if value is None:
+            return
+        if self.at_least is not None and value < self.at_least:
+            raise ConfigError(f"{origin}: must be at least {self.at_least}, not {value}")
+        if self.positive and value <= 0:
+            raise ConfigError(f"{origin}: must be positive")
+        if self.at_most is not None and value > self.at_most:
+            raise ConfigError(f"{origin}: {self.out_of_range or f'must be at most {self.at_most}'}")
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", "str", "127.0.0.1", "address to listen on"),
-    Option("port", "int", 50051, "port to listen on (0: any free port)"),
-    Option(
-        "catalog",
-        "pairs",
-        (),
-        "serve an .npy (n × d) or .npz (embeddings, ids) catalog as NAME; repeatable "
-        "(environment: comma-separated; file: a list or a table). Without any, the "
-        "embedded demo catalog is served",
-        metavar="NAME=PATH",
-    ),
-    Option(
-        "ids",
-        "pairs",
-        (),
-        "item ids for an .npy catalog, one per line (default: row numbers)",
-        metavar="NAME=PATH",
-    ),
-    Option(
-        "preset",
-        "str",
-        DEFAULT_PRESET,
-        "CKKS parameter preset; see the README for precision and speed of each",
-        choices=tuple(sorted(PRESETS)),
-    ),
-    Option(
-        "workers",
-        "int",
-        os.cpu_count() or 1,
-        "worker processes holding catalog shards (0: score in the server process)",
-        shown_default="one per core",
-    ),
-    Option(
-        "backend",
-        "str",
-        "process",
-        "where catalog shards live: worker processes on this machine (process) or Ray "
-        "actors on a Ray cluster (ray, needs heserve[ray])",
-        choices=("process", "ray"),
-    ),
-    Option(
-        "ray-address",
-        "str",
-        None,
-        "Ray cluster to join with --backend ray (e.g. ray://head:10001 or HOST:6379; "
-        "default: RAY_ADDRESS, else a local Ray)",
-        metavar="ADDRESS",
-    ),
-    Option(
-        "memory-budget-mib",
-        "int",
-        None,
-        "memory for encoded catalog chunks, in MiB; chunks past it are encoded per query",
-        shown_default="no limit",
-    ),
-    Option(
-        "flood-bits",
-        "int",
-        0,
-        "noise flooding: fresh noise 2^BITS times the preset's CKKS noise on every score, "
-        "so decrypted noise says nothing of the catalog; costs BITS bits of precision "
-        "(0: off; see the README's threat model)",
-        metavar="BITS",
-    ),
-    Option(
-        "score-noise-std",
-        "float",
-        0.0,
-        "Gaussian noise of this standard deviation on every score (differential privacy "
-        "for the catalog; 0: off)",
-        metavar="STD",
-    ),
-    Option("key-ttl", "int", 3600, "seconds an unused key lives"),
-    Option("max-keys", "int", 256, "most key sets held"),
-    Option("max-key-store-bytes", "int", 1 << 30, "most bytes of keys held"),
-    Option("threads", "int", 8, "gRPC worker threads"),
-    Option(
-        "max-concurrent-rpcs",
-        "int",
-        32,
-        "most calls running or queued at once, health checks included; the next gets "
-        "RESOURCE_EXHAUSTED (0: no limit)",
-    ),
-    Option(
-        "max-message-bytes",
-        "int",
-        4 << 20,
-        f"largest gRPC message received or sent, at least {MIN_MESSAGE_BYTES}; "
-        "GetServerInfo reports it and clients size their channels from it",
-    ),
-    Option("tls-cert", "path", None, "certificate chain (PEM): serve TLS", metavar="PATH"),
-    Option("tls-key", "path", None, "private key of --tls-cert (PEM)", metavar="PATH"),
-    Option(
-        "tls-client-ca",
-        "path",
-        None,
-        "CA certificate(s) (PEM): require mutual TLS, with client certificates it signed",
-        metavar="PATH",
-    ),
-    Option(
-        "tokens-file",
-        "path",
-        None,
-        "API tokens, one NAME:TOKEN (or bare TOKEN) per line: every call but health "
-        "checks must send 'authorization: Bearer TOKEN'; keys belong to the token that "
-        "registered them",
-        metavar="PATH",
-    ),
-    Option(
-        "tokens",
-        "entries",
-        None,
-        "API tokens as in --tokens-file, comma-separated; added to the file's",
-        flag=False,
-    ),
-    Option(
-        "query-budget",
-        "int",
-        0,
-        "Score calls each token (or, without tokens, all callers together) may make per "
-        "window; then RESOURCE_EXHAUSTED (0: unlimited)",
-    ),
-    Option("query-budget-window", "float", 3600.0, "seconds of one query budget window"),
-    Option(
-        "metrics-port",
-        "int",
-        0,
-        "serve Prometheus metrics at http://METRICS-HOST:PORT/metrics (0: off)",
-    ),
-    Option("metrics-host", "str", "127.0.0.1", "address of the metrics endpoint"),
-    Option("log-level", "str", "INFO", "least severe log level written", choices=LEVELS),
-    Option(
-        "log-format",
-        "str",
-        "text",
-        "log lines as key=value pairs (text) or JSON objects (json), on standard error",
-        choices=FORMATS,
-    ),
-    Option(
-        "shutdown-grace",
-        "float",
-        5.0,
-        "seconds in-flight calls get to finish after SIGTERM or SIGINT",
-    ),
-)
-_BY_KEY = {key: option for option in OPTIONS for key in {option.name, option.dest}}
+
+def option(
+    help: str,
+    *,
+    choices: Iterable[str] = (),
+    metavar: str | None = None,
+    flag: bool = True,
+    shown_default: str | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    positive: bool = False,
+    out_of_range: str | None = None,
+) -> dict[str, Option]:
+    """A `Settings` field's metadata: its Option but for the name, kind and default, which
+    come from the field's name, type and default."""
+    return {
+        _OPTION: Option(
+            "",
+            "str",
+            None,
+            help,
+            tuple(choices),
+            metavar,
+            flag,
+            shown_default,
+            at_least,
+            at_most,
+            positive,
+            out_of_range,
+        )
+    }
+
+
+def port_option(help: str) -> dict[str, Option]:
+    """A TCP port number: 0 (any free port, or off) to 65535."""
+    return option(help, at_least=0, at_most=65535, out_of_range="not a port number")
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class Settings:
     """The resolved settings; `sources` says where each came from (flag, env, file, default)."""
 
-    host: str
-    port: int
-    catalog: tuple[tuple[str, Path], ...]
-    ids: tuple[tuple[str, Path], ...]
-    preset: str
-    workers: int
-    backend: str
-    ray_address: str | None
-    memory_budget_mib: int | None
-    flood_bits: int
-    score_noise_std: float
-    key_ttl: int
-    max_keys: int
-    max_key_store_bytes: int
-    threads: int
-    max_concurrent_rpcs: int
-    max_message_bytes: int
-    tls_cert: Path | None
-    tls_key: Path | None
-    tls_client_ca: Path | None
-    tokens_file: Path | None
-    tokens: str | None
-    query_budget: int
-    query_budget_window: float
-    metrics_port: int
-    metrics_host: str
-    log_level: str
-    log_format: str
-    shutdown_grace: float
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on"))
+    port: int = field(default=50051, metadata=port_option("port to listen on (0: any free port)"))
+    catalog: Pairs = field(
+        default=(),
+        metadata=option(
+            "serve an .npy (n × d) or .npz (embeddings, ids) catalog as NAME; repeatable "
+            "(environment: comma-separated; file: a list or a table). Without any, the "
+            "embedded demo catalog is served",
+            metavar="NAME=PATH",
+        ),
+    )
+    ids: Pairs = field(
+        default=(),
+        metadata=option(
+            "item ids for an .npy catalog, one per line (default: row numbers)", metavar="NAME=PATH"
+        ),
+    )
+    preset: str = field(
+        default=DEFAULT_PRESET,
+        metadata=option(
+            "CKKS parameter preset; see the README for precision and speed of each",
+            choices=sorted(PRESETS),
+        ),
+    )
+    workers: int = field(
+        default=os.cpu_count() or 1,
+        metadata=option(
+            "worker processes holding catalog shards (0: score in the server process)",
+            shown_default="one per core",
+            at_least=0,
+        ),
+    )
+    backend: str = field(
+        default="process",
+        metadata=option(
+            "where catalog shards live: worker processes on this machine (process) or Ray "
+            "actors on a Ray cluster (ray, needs heserve[ray])",
+            choices=("process", "ray"),
+        ),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=option(
+            "Ray cluster to join with --backend ray (e.g. ray://head:10001 or HOST:6379; "
+            "default: RAY_ADDRESS, else a local Ray)",
+            metavar="ADDRESS",
+        ),
+    )
+    memory_budget_mib: int | None = field(
+        default=None,
+        metadata=option(
+            "memory for encoded catalog chunks, in MiB; chunks past it are encoded per query",
+            shown_default="no limit",
+            at_least=0,
+        ),
+    )
+    flood_bits: int = field(
+        default=0,
+        metadata=option(
+            "noise flooding: fresh noise 2^BITS times the preset's CKKS noise on every score, "
+            "so decrypted noise says nothing of the catalog; costs BITS bits of precision "
+            "(0: off; see the README's threat model)",
+            metavar="BITS",
+            at_least=0,
+        ),
+    )
+    score_noise_std: float = field(
+        default=0.0,
+        metadata=option(
+            "Gaussian noise of this standard deviation on every score (differential privacy "
+            "for the catalog; 0: off)",
+            metavar="STD",
+            at_least=0,
+        ),
+    )
+    key_ttl: int = field(default=3600, metadata=option("seconds an unused key lives", at_least=1))
+    max_keys: int = field(default=256, metadata=option("most key sets held", at_least=1))
+    max_key_store_bytes: int = field(
+        default=1 << 30, metadata=option("most bytes of keys held", at_least=1)
+    )
+    threads: int = field(default=8, metadata=option("gRPC worker threads", at_least=1))
+    max_concurrent_rpcs: int = field(
+        default=32,
+        metadata=option(
+            "most calls running or queued at once, health checks included; the next gets "
+            "RESOURCE_EXHAUSTED (0: no limit)",
+            at_least=0,
+        ),
+    )
+    max_message_bytes: int = field(
+        default=4 << 20,
+        metadata=option(
+            f"largest gRPC message received or sent, at least {MIN_MESSAGE_BYTES}; "
+            "GetServerInfo reports it and clients size their channels from it",
+            at_least=MIN_MESSAGE_BYTES,
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=option("certificate chain (PEM): serve TLS", metavar="PATH")
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=option("private key of --tls-cert (PEM)", metavar="PATH")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "CA certificate(s) (PEM): require mutual TLS, with client certificates it signed",
+            metavar="PATH",
+        ),
+    )
+    tokens_file: Path | None = field(
+        default=None,
+        metadata=option(
+            "API tokens, one NAME:TOKEN (or bare TOKEN) per line: every call but health "
+            "checks must send 'authorization: Bearer TOKEN'; keys belong to the token that "
+            "registered them",
+            metavar="PATH",
+        ),
+    )
+    tokens: Entries | None = field(
+        default=None,
+        metadata=option(
+            "API tokens as in --tokens-file, comma-separated; added to the file's", flag=False
+        ),
+    )
+    query_budget: int = field(
+        default=0,
+        metadata=option(
+            "Score calls each token (or, without tokens, all callers together) may make per "
+            "window; then RESOURCE_EXHAUSTED (0: unlimited)",
+            at_least=0,
+        ),
+    )
+    query_budget_window: float = field(
+        default=3600.0, metadata=option("seconds of one query budget window", positive=True)
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=port_option(
+            "serve Prometheus metrics at http://METRICS-HOST:PORT/metrics (0: off)"
+        ),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1", metadata=option("address of the metrics endpoint")
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=option(
+            "least severe log level written",
+            choices=LEVELS,
+            shown_default="INFO for serve, WARNING for demo and recommend",
+        ),
+    )
+    log_format: str = field(
+        default="text",
+        metadata=option(
+            "log lines as key=value pairs (text) or JSON objects (json), on standard error",
+            choices=FORMATS,
+        ),
+    )
+    shutdown_grace: float = field(
+        default=5.0,
+        metadata=option(
+            "seconds in-flight calls get to finish after SIGTERM or SIGINT", at_least=0
+        ),
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        at_least = {
-            "port": 0,
-            "metrics_port": 0,
-            "workers": 0,
-            "memory_budget_mib": 0,
-            "key_ttl": 1,
-            "max_keys": 1,
-            "max_key_store_bytes": 1,
-            "threads": 1,
-            "max_concurrent_rpcs": 0,
-            "max_message_bytes": MIN_MESSAGE_BYTES,
-            "query_budget": 0,
-            "shutdown_grace": 0,
-            "flood_bits": 0,
-            "score_noise_std": 0,
-        }
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ConfigError(f"{self._origin(name)}: must be at least {low}, not {value}")
-        for name in ("port", "metrics_port"):
-            if getattr(self, name) > 65535:
-                raise ConfigError(f"{self._origin(name)}: not a port number")
-        if self.query_budget_window <= 0:
-            raise ConfigError(f"{self._origin('query_budget_window')}: must be positive")
+        for option in OPTIONS:
+            option.check(getattr(self, option.dest), self._origin(option))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls-cert and tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
 
-    def _origin(self, dest: str) -> str:
-        option = _BY_KEY[dest]
-        source = self.sources.get(dest, "default")
+    def _origin(self, option: Option) -> str:
+        source = self.sources.get(option.dest, "default")
         return {"flag": f"--{option.name}", "env": option.env}.get(source, option.name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--config` and a flag per option, each documenting its variable and default.
+def _kind(hint: object, name: str) -> Kind:
+    """The kind of a field's type (`X | None` as X)."""
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is not tuple and len(arguments) == 1:
+        hint = arguments[0]
+    kind = _KINDS.get(hint)
+    if kind is None:
+        raise TypeError(f"Settings.{name}: no setting kind for type {hint!r}")
+    return kind
 
-    Flags default to "not given" (argparse.SUPPRESS) so that `resolve` can tell a flag
-    from a default.
-    """
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=argparse.SUPPRESS,
-        metavar="PATH",
-        help=f"TOML file of settings (keys as the flags' names) [env {CONFIG_ENV}]",
-    )
-    for option in OPTIONS:
-        if not option.flag:
-            continue
-        default = option.default
-        shown = option.shown_default or ("none" if default in (None, ()) else default)
-        text = f"{option.help} [env {option.env}; default: {shown}]".replace("%", "%%")
-        parser.add_argument(
-            f"--{option.name}",
-            dest=option.dest,
-            default=argparse.SUPPRESS,
-            action="append" if option.kind == "pairs" else "store",
-            metavar=_metavar(option),
-            help=text,
+
+def _options() -> tuple[Option, ...]:
+    hints = typing.get_type_hints(Settings)
+    return tuple(
+        replace(
+            f.metadata[_OPTION],
+            name=f.name.replace("_", "-"),
+            kind=_kind(hints[f.name], f.name),
+            default=f.default,
         )
+        for f in fields(Settings)
+        if _OPTION in f.metadata
+    )
 
 
-EPILOG = f"""\
-Each setting comes from, first to last: its flag, its environment variable
-(HESERVE_ and the flag's name in capitals with '_' for '-'), the config file
-(--config or {CONFIG_ENV}; TOML, keys as the flags' names), its default.
-
-Settings without a flag (so that they never show in a process listing):
-  tokens   API tokens as in --tokens-file, comma-separated
-           [env HESERVE_TOKENS; config file: tokens = "..." or a list]
-
-Example heserve.toml:
-  port = 50051
-  catalog = ["books=books.npz"]      # or: [catalog] books = "books.npz"
-  tls-cert = "server.pem"
-  tls-key = "server-key.pem"
-  tokens-file = "tokens.txt"
-  query-budget = 1000
-  metrics-port = 9464
-"""
+OPTIONS: tuple[Option, ...] = _options()
+_BY_KEY = {key: option for option in OPTIONS for key in {option.name, option.dest}}
 
 
 def _metavar(option: Option) -> str:
@@ -379,8 +398,8 @@ def _convert(option: Option, value: object, origin: str, base: Path | None = Non
         if kind == "path":
             return _path(value, base)
         if option.choices:
-            chosen = value.upper() if option.name == "log-level" else value
-            if chosen not in option.choices:
+            chosen = {choice.casefold(): choice for choice in option.choices}.get(value.casefold())
+            if chosen is None:
                 raise ConfigError(f"{origin}: expected one of {', '.join(option.choices)}")
             return chosen
         return value
@@ -412,32 +431,130 @@ def _file_settings(path: Path) -> dict[str, Any]:
     return settings
 
 
-def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeConfig:
-    """Merge flags (in `args`), environment and config file over the defaults."""
-    given = vars(args)
-    config_path = given.get("config") or (
-        Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None
-    )
-    from_file = _file_settings(config_path) if config_path is not None else {}
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for option in OPTIONS:
-        dest = option.dest
-        if option.flag and dest in given:
-            raw = given[dest]
-            if option.kind == "pairs":
-                raw = list(raw)
-            values[dest] = _convert(option, raw, f"--{option.name}")
-            sources[dest] = "flag"
-        elif environ.get(option.env, "").strip():
-            values[dest] = _convert(option, environ[option.env].strip(), option.env)
-            sources[dest] = "env"
-        elif dest in from_file:
-            values[dest] = from_file[dest]
-            sources[dest] = "file"
-        else:
-            values[dest] = option.default
-            sources[dest] = "default"
-    names = {f.name for f in fields(ServeConfig)} - {"sources"}
-    assert names == set(values), names ^ set(values)
-    return ServeConfig(**values, sources=sources)
+@dataclass(frozen=True)
+class OptionSet:
+    """The settings one command takes: its flags, and how they resolve into `Settings`.
+
+    `defaults` replaces the table's default for this command (by field name);
+    `config_file` adds `--config` (and HESERVE_CONFIG) as the lowest source but defaults.
+    """
+
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    config_file: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = {name for name in self.names if name not in _BY_KEY} | {
+            name for name in self.defaults if name not in _BY_KEY
+        }
+        if unknown:
+            raise ValueError(f"no such settings: {sorted(unknown)}")
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return tuple(option for option in OPTIONS if option.name in self.names)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add a flag per option (and `--config`), each documenting its variable and default.
+
+        Flags default to "not given" (argparse.SUPPRESS) so that `resolve` can tell a flag
+        from a default, and so that a flag given both before and after the subcommand
+        keeps the later one.
+        """
+        if self.config_file:
+            parser.add_argument(
+                "--config",
+                type=Path,
+                default=argparse.SUPPRESS,
+                metavar="PATH",
+                help=f"TOML file of settings (keys as the flags' names) [env {CONFIG_ENV}]",
+            )
+        for option in self.options:
+            if not option.flag:
+                continue
+            default = self.defaults.get(option.dest, option.default)
+            shown = (None if option.dest in self.defaults else option.shown_default) or (
+                "none" if default in (None, ()) else default
+            )
+            text = f"{option.help} [env {option.env}; default: {shown}]".replace("%", "%%")
+            parser.add_argument(
+                f"--{option.name}",
+                dest=option.dest,
+                default=argparse.SUPPRESS,
+                action="append" if option.kind == "pairs" else "store",
+                metavar=_metavar(option),
+                help=text,
+            )
+
+    def resolve(self, args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        """Merge flags (in `args`), environment and config file over the defaults."""
+        given = vars(args)
+        config_path = None
+        if self.config_file:
+            config_path = given.get("config") or (
+                Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None
+            )
+        from_file = _file_settings(config_path) if config_path is not None else {}
+        values: dict[str, Any] = dict(self.defaults)
+        sources: dict[str, str] = {}
+        for option in self.options:
+            dest = option.dest
+            if option.flag and dest in given:
+                raw = given[dest]
+                if option.kind == "pairs":
+                    raw = list(raw)
+                values[dest] = _convert(option, raw, f"--{option.name}")
+                sources[dest] = "flag"
+            elif environ.get(option.env, "").strip():
+                values[dest] = _convert(option, environ[option.env].strip(), option.env)
+                sources[dest] = "env"
+            elif dest in from_file:
+                values[dest] = from_file[dest]
+                sources[dest] = "file"
+        sources = {option.dest: sources.get(option.dest, "default") for option in OPTIONS}
+        return Settings(**values, sources=sources)
+
+    def epilog(self) -> str:
+        """The sources in order, the settings without a flag, and (with a file) an example."""
+        sources = [
+            "its flag",
+            "its environment variable (HESERVE_ and the flag's name in capitals with '_' for '-')",
+        ]
+        if self.config_file:
+            sources.append(
+                f"the config file (--config or {CONFIG_ENV}; TOML, keys as the flags' names)"
+            )
+        sources.append("its default")
+        subject = "Each setting" if self.config_file else "Each setting marked [env ...]"
+        lines = textwrap.wrap(f"{subject} comes from, first to last: {', '.join(sources)}.", 78)
+        hidden = [option for option in self.options if not option.flag]
+        if hidden:
+            lines += ["", "Settings without a flag (so that they never show in a process listing):"]
+            for option in hidden:
+                where = f"[env {option.env}"
+                where += (
+                    f'; config file: {option.name} = "..." or a list' if self.config_file else ""
+                )
+                lines += [f"  {option.name:<8} {option.help}", f"  {'':<8} {where}]"]
+        if self.config_file:
+            lines += ["", "Example heserve.toml:", *(f"  {line}" for line in EXAMPLE.splitlines())]
+        return "\n".join(lines) + "\n"
+
+
+EXAMPLE = """\
+port = 50051
+catalog = ["books=books.npz"]      # or: [catalog] books = "books.npz"
+tls-cert = "server.pem"
+tls-key = "server-key.pem"
+tokens-file = "tokens.txt"
+query-budget = 1000
+metrics-port = 9464
+"""
+"""The config file example --help shows (tests resolve it)."""
+
+_CLIENT_DEFAULTS = {"log_level": "WARNING"}  # these commands print results; INFO would bury them
+LOGGING = OptionSet(("log-level", "log-format"))
+"""The settings every command takes, before or after the command's name."""
+SERVE = OptionSet(tuple(option.name for option in OPTIONS), config_file=True)
+DEMO = OptionSet(("preset", "workers", "memory-budget-mib", *LOGGING.names), _CLIENT_DEFAULTS)
+RECOMMEND = OptionSet(LOGGING.names, _CLIENT_DEFAULTS)
