@@ -179,6 +179,39 @@ def test_settings_without_a_flag_come_from_environment_over_file(
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+BOUNDED = [
+    option.name
+    for option in config.OPTIONS
+    if option.flag
+    and (option.at_least is not None or option.at_most is not None or option.positive)
+]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_values_out_of_range_are_refused_naming_the_flag_and_the_bounds_accepted(
+    name: str,
+) -> None:
+    option = OPTIONS[name]
+    step = 1 if option.kind == "int" else 0.5
+    refused: list[float] = []
+    accepted: list[float] = []
+    if option.at_least is not None:
+        refused.append(option.at_least - step)
+        accepted.append(option.at_least)
+    if option.at_most is not None:
+        refused.append(option.at_most + step)
+        accepted.append(option.at_most)
+    if option.positive:
+        refused.append(0)
+        accepted.append(step)
+    for value in refused:
+        with pytest.raises(config.ConfigError, match=f"^--{name}: "):
+            _resolve(config.SERVE, ["serve", f"--{name}", str(value)], {})
+    for value in accepted:
+        settings = _resolve(config.SERVE, ["serve", f"--{name}", str(value)], {})
+        assert getattr(settings, option.dest) == value
+
+
 def test_every_settings_field_is_an_option_with_the_field_default() -> None:
     settings = config.Settings()
     names = {f.name for f in fields(config.Settings)} - {"sources"}

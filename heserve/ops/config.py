@@ -104,22 +104,20 @@ def option(
 ) -> dict[str, Option]:
     """A `Settings` field's metadata: its Option but for the name, kind and default, which
     come from the field's name, type and default."""
-    return {
-        _OPTION: Option(
-            "",
-            "str",
-            None,
-            help,
-            tuple(choices),
-            metavar,
-            flag,
-            shown_default,
-            at_least,
-            at_most,
-            positive,
-            out_of_range,
-        )
-    }
+    filled_in_later: dict[str, Any] = {"name": "", "kind": "str", "default": None}
+    details = Option(
+        **filled_in_later,
+        help=help,
+        choices=tuple(choices),
+        metavar=metavar,
+        flag=flag,
+        shown_default=shown_default,
+        at_least=at_least,
+        at_most=at_most,
+        positive=positive,
+        out_of_range=out_of_range,
+    )
+    return {_OPTION: details}
 
 
 def port_option(help: str) -> dict[str, Option]:
