@@ -3,9 +3,13 @@ real SEAL key pair for the layer tests (protocol, he) that work below the client
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -196,3 +200,31 @@ def reap(processes: Iterable[subprocess.Popen[str]]) -> None:
         process.wait(timeout=30)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for a `heserve` subprocess: no HESERVE_ settings leaking in from the
+    caller's shell, and no PYTHONUNBUFFERED (stdout is a pipe, as under a supervisor)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HESERVE_")}
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(cwd: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m heserve.ops.cli argv...` in `cwd` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "heserve.ops.cli", *argv],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    """A loopback port free right now (for servers that cannot be told to pick one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

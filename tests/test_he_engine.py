@@ -72,13 +72,27 @@ def encrypted_scores(
     return np.concatenate(parts)
 
 
+def unit_vector(rng: np.random.Generator, dimension: int) -> FloatArray:
+    """A random query of norm 1, as the tolerances assume."""
+    u = rng.standard_normal(dimension)
+    u /= np.linalg.norm(u)
+    return u
+
+
+def assert_scores_like_plaintext(
+    scoring: Scoring, plan: DiagonalPlan, rows: FloatArray, u: FloatArray
+) -> None:
+    """Encrypted scores of `rows` against `u`, decrypted, equal rows @ u within tolerance."""
+    scores = encrypted_scores(scoring.engine, scoring.keys, plan, rows, u)
+    np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
+
+
 def test_one_row_with_all_zero_padding_diagonals_scores(scoring: Scoring) -> None:
     engine = scoring.engine
     rng = np.random.default_rng(11)
     row = rng.standard_normal((1, 100))
     row /= np.linalg.norm(row)
-    u = rng.standard_normal(100)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 100)
     plan = DiagonalPlan.for_catalog(100, 1, scoring.slots)
     assert plan.padded_dimension == 128
     chunk = engine.encode_rows(plan, row)
@@ -87,9 +101,7 @@ def test_one_row_with_all_zero_padding_diagonals_scores(scoring: Scoring) -> Non
     if engine.params.catalog_scale_bits >= 40:  # nothing rounds to zero at 2^40
         assert all(d is not None for d in chunk.diagonals[:100])
 
-    scores = encrypted_scores(engine, scoring.keys, plan, row, u)
-
-    np.testing.assert_allclose(scores, row @ u, rtol=0, atol=scoring.tolerance)
+    assert_scores_like_plaintext(scoring, plan, row, u)
 
 
 def test_zero_giant_blocks_at_the_top_and_in_the_middle_score(scoring: Scoring) -> None:
@@ -102,14 +114,11 @@ def test_zero_giant_blocks_at_the_top_and_in_the_middle_score(scoring: Scoring) 
     row[0, b : 3 * b] = 0  # giant blocks 1 and 2
     row[0, 64 - b :] = 0  # the last giant block, where the Horner fold starts
     row /= np.linalg.norm(row)
-    u = rng.standard_normal(64)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 64)
     chunk = engine.encode_rows(plan, row)
     assert chunk.diagonals[b] is None and chunk.diagonals[-1] is None
 
-    scores = encrypted_scores(engine, scoring.keys, plan, row, u)
-
-    np.testing.assert_allclose(scores, row @ u, rtol=0, atol=scoring.tolerance)
+    assert_scores_like_plaintext(scoring, plan, row, u)
 
 
 def test_tiny_entries_that_encode_to_zero_are_skipped(scoring: Scoring) -> None:
@@ -120,14 +129,11 @@ def test_tiny_entries_that_encode_to_zero_are_skipped(scoring: Scoring) -> None:
     rows = rng.standard_normal((2, 32))
     rows[:, 8:16] = 1e-9  # diagonals 8..14 hold only tiny values
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    u = rng.standard_normal(32)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 32)
     plan = DiagonalPlan.for_catalog(32, 2, scoring.slots)
     assert any(d is None for d in engine.encode_rows(plan, rows).diagonals)
 
-    scores = encrypted_scores(engine, scoring.keys, plan, rows, u)
-
-    np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
+    assert_scores_like_plaintext(scoring, plan, rows, u)
 
 
 def test_several_chunks_score_like_plaintext(scoring: Scoring) -> None:
@@ -135,29 +141,23 @@ def test_several_chunks_score_like_plaintext(scoring: Scoring) -> None:
     rng = np.random.default_rng(13)
     rows = rng.standard_normal((3 * scoring.slots + 300, 24))
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    u = rng.standard_normal(24)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 24)
     plan = DiagonalPlan.for_catalog(24, rows.shape[0], scoring.slots)
 
-    scores = encrypted_scores(scoring.engine, scoring.keys, plan, rows, u)
-
-    np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
+    assert_scores_like_plaintext(scoring, plan, rows, u)
 
 
 def test_rows_only_in_the_imaginary_parts_score(scoring: Scoring) -> None:
     # the first S rows are zero: every diagonal is purely imaginary
-    engine, slots = scoring.engine, scoring.slots
+    slots = scoring.slots
     rng = np.random.default_rng(15)
     rows = np.zeros((slots + 40, 16))
     rows[slots:] = rng.standard_normal((40, 16))
     rows[slots:] /= np.linalg.norm(rows[slots:], axis=1, keepdims=True)
-    u = rng.standard_normal(16)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 16)
     plan = DiagonalPlan.for_catalog(16, rows.shape[0], slots)
 
-    scores = encrypted_scores(engine, scoring.keys, plan, rows, u)
-
-    np.testing.assert_allclose(scores, rows @ u, rtol=0, atol=scoring.tolerance)
+    assert_scores_like_plaintext(scoring, plan, rows, u)
 
 
 def test_split_complex_gives_the_two_halves_as_real_slots(scoring: Scoring) -> None:
@@ -165,8 +165,7 @@ def test_split_complex_gives_the_two_halves_as_real_slots(scoring: Scoring) -> N
     rng = np.random.default_rng(16)
     rows = rng.standard_normal((slots + 300, 24))
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    u = rng.standard_normal(24)
-    u /= np.linalg.norm(u)
+    u = unit_vector(rng, 24)
     plan = DiagonalPlan.for_catalog(24, rows.shape[0], slots)
     galois = keys.galois_keys([0, *plan.rotation_steps])  # with the conjugation key
     ((count, output),) = encrypted_outputs(engine, keys, plan, rows, u, galois)

@@ -40,6 +40,7 @@ from heserve_client import (
     InvalidRequestError,
     LimitExceededError,
     NotFoundError,
+    SecretContext,
     StaleCatalogError,
 )
 
@@ -63,6 +64,8 @@ class Party:
         self.decryptor = seal.Decryptor(self.context, secret)
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
+        # the client library's own decryption, under this party's secret key
+        self.decrypting = SecretContext(params, secret)
 
     def galois_keys(self, steps: list[int]) -> bytes:
         n = self.params.poly_modulus_degree
@@ -90,13 +93,10 @@ class Party:
         return wire.to_bytes(lowered)
 
     def decrypt(self, blob: bytes, max_bytes: int) -> FloatArray:
-        return self.decrypt_complex(blob, max_bytes).real.copy()
+        return self.decrypting.decrypt(blob, max_bytes)
 
     def decrypt_complex(self, blob: bytes, max_bytes: int) -> npt.NDArray[np.complex128]:
-        ciphertext = wire.load_ciphertext(self.context, blob, max_bytes)
-        plaintext = seal.Plaintext()
-        self.decryptor.decrypt(ciphertext, plaintext)
-        return np.asarray(self.encoder.decode_complex(plaintext), dtype=np.complex128)
+        return self.decrypting.decrypt_complex(blob, max_bytes)
 
 
 def code_of(error: grpc.RpcError) -> grpc.StatusCode:

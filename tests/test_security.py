@@ -9,11 +9,9 @@ import base64
 import functools
 import ipaddress
 import json
-import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -27,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import pytest
-from conftest import TIMEOUT, raw_scores, reap, register_keys, serving
+from conftest import (
+    TIMEOUT,
+    cli_env,
+    free_port,
+    raw_scores,
+    reap,
+    register_keys,
+    run_cli,
+    serving,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -448,18 +455,6 @@ def test_bad_tokens_are_refused(text: str) -> None:
 # --- the CLI ---------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HESERVE_")}
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
 class Served:
     process: subprocess.Popen[str]
@@ -482,7 +477,7 @@ def _serve_cli(
         process = subprocess.Popen(
             [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", "0", *args],
             cwd=tmp_path,
-            env=env or _env(),
+            env=env or cli_env(),
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -498,15 +493,7 @@ def _serve_cli(
 
 
 def _recommend(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "heserve.ops.cli", "recommend", *args],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_cli(tmp_path, "recommend", *args, timeout=180)
 
 
 def test_cli_serves_mutual_tls_with_tokens_and_recommend_uses_them(
@@ -647,7 +634,7 @@ def test_full_session_logs_at_debug_hold_no_keys_queries_scores_or_vectors(
     np.save(tmp_path / "shop.npy", shop.embeddings)
     alice, bob = _token(), _token()
     (tmp_path / "tokens.txt").write_text(f"alice:{alice}\nbob:{bob}\n")
-    metrics_port = _free_port()
+    metrics_port = free_port()
     served = _serve_cli(
         tmp_path,
         cli_servers,
