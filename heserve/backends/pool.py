@@ -33,11 +33,10 @@ from heserve.backends.base import ScoreCall, ShardBudget, ShardUnavailableError,
 from heserve.backends.pool_worker import (
     ChunkEncoded,
     ChunkScored,
-    Done,
     Failed,
     ForgetKeys,
-    FromWorker,
     LoadShard,
+    Reply,
     ScoreShard,
     Stop,
     ToWorker,
@@ -52,18 +51,10 @@ from heserve.protocol.slots import FloatArray
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerDied:
-    """Put by the front itself to every open request when a worker's pipe closes."""
-
-    worker: str
-
-
-Reply = FromWorker | WorkerDied
-
-
 @dataclass
 class _Worker:
+    """A worker process as the front sees it: its pipe, and the keys it was sent."""
+
     index: int
     process: multiprocessing.process.BaseProcess
     conn: Connection
@@ -76,6 +67,13 @@ class _Worker:
     def send(self, message: ToWorker) -> None:
         with self.send_lock:
             self.conn.send(message)
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """Put by the front itself to every open request when a worker's pipe closes."""
+
+    worker: str
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ class PoolBackend:
         self.restart_timeout = restart_timeout
         self.restarts = 0
         self._ids = itertools.count(1)
-        self._pending: dict[int, queue.SimpleQueue[Reply]] = {}
+        self._pending: dict[int, queue.SimpleQueue[Reply | WorkerDied]] = {}
         self._pending_lock = threading.Lock()
         self._catalogs: dict[str, _CatalogSpec] = {}
         self._closing = False
@@ -157,7 +155,7 @@ class PoolBackend:
         """Deliver each reply of one worker to the request it answers; replace it if it dies."""
         while True:
             try:
-                message: FromWorker = worker.conn.recv()
+                message: Reply = worker.conn.recv()
             except (EOFError, OSError):
                 break
             with self._pending_lock:
@@ -190,9 +188,9 @@ class PoolBackend:
         worker.ready.set()
         log.warning("worker %s replaced and ready", worker.process.name)
 
-    def _open(self) -> tuple[int, queue.SimpleQueue[Reply]]:
+    def _open(self) -> tuple[int, queue.SimpleQueue[Reply | WorkerDied]]:
         request_id = next(self._ids)
-        replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+        replies: queue.SimpleQueue[Reply | WorkerDied] = queue.SimpleQueue()
         with self._pending_lock:
             self._pending[request_id] = replies
         return request_id, replies
@@ -201,7 +199,7 @@ class PoolBackend:
         with self._pending_lock:
             self._pending.pop(request_id, None)
 
-    def _next_reply(self, replies: queue.SimpleQueue[Reply]) -> ChunkEncoded | ChunkScored | Done:
+    def _next_reply(self, replies: queue.SimpleQueue[Reply | WorkerDied]) -> Reply:
         message = replies.get()
         if isinstance(message, WorkerDied):
             raise ShardUnavailableError(f"worker {message.worker} died during the request")

@@ -19,14 +19,21 @@ from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import FloatArray
 
+
+@dataclass(frozen=True)
+class Message:
+    """A request, or a reply to one: replies carry the `request_id` of their request."""
+
+    request_id: int
+
+
 # --- front → worker ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LoadShard:
+class LoadShard(Message):
     """Encode this worker's chunks of a catalog (`rows`: one entry per chunk)."""
 
-    request_id: int
     catalog: str
     plan: DiagonalPlan
     rows: tuple[FloatArray, ...]
@@ -34,10 +41,9 @@ class LoadShard:
 
 
 @dataclass(frozen=True)
-class ScoreShard:
+class ScoreShard(Message):
     """Score a query; `indices` are the catalog-wide chunk indices of the results."""
 
-    request_id: int
     query: ShardQuery
     indices: tuple[int, ...]
 
@@ -58,35 +64,31 @@ ToWorker = LoadShard | ScoreShard | ForgetKeys | Stop
 
 
 @dataclass(frozen=True)
-class ChunkEncoded:
-    """One more chunk of a LoadShard encoded: the front sums the workers' progress."""
+class ChunkScored(Message):
+    """The score ciphertext of chunk `index` (catalog-wide) of a ScoreShard."""
 
-    request_id: int
-
-
-@dataclass(frozen=True)
-class ChunkScored:
-    request_id: int
     index: int
     scores: bytes
 
 
 @dataclass(frozen=True)
-class Done:
-    """The request is complete (or, for a cancelled query, given up)."""
-
-    request_id: int
+class ChunkEncoded(Message):
+    """One more chunk of a LoadShard encoded: the front sums the workers' progress."""
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(Message):
     """The request was refused; `reason` becomes a QueryError in the front."""
 
-    request_id: int
     reason: str
 
 
-FromWorker = ChunkEncoded | ChunkScored | Done | Failed
+@dataclass(frozen=True)
+class Done(Message):
+    """The request is complete (or, for a cancelled query, given up)."""
+
+
+Reply = ChunkScored | ChunkEncoded | Failed | Done
 
 
 def _progress_to(conn: Connection, request_id: int) -> Progress:

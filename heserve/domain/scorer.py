@@ -100,12 +100,13 @@ class Scorer:
         self,
         params: CkksParameters,
         catalogs: Iterable[Catalog],
+        *,
+        clock: Callable[[], float] = time.monotonic,
         limits: SizeLimits | None = None,
         retention: KeyRetentionPolicy | None = None,
         progress: Progress | None = None,
         backend: Backend | None = None,
         protection: ScoreProtection | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.params = params
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
