@@ -465,6 +465,49 @@ register(
         slice_items=128,
     )
 )
+DESILOFHE_THREADS = 2
+"""desilofhe's own threads: the peers' figures in the issue tracker used both cores."""
+
+
+def desilofhe_setup(workload: Workload, threads: int = DESILOFHE_THREADS) -> Runner:
+    """desilofhe (CKKS, CPU): the same diagonal method, the best we could write on its
+    public API (hoisted baby rotations, complex packing, folding; bench/desilo_peer.py).
+
+    Timed: the server's part, from the serialized query to the serialized scores.
+    """
+    from bench.desilo_peer import DesiloDiagonal
+
+    peer = DesiloDiagonal(workload.catalog, threads=threads)
+    query = peer.encrypt_query(workload.query)
+    expected = workload.expected()
+
+    def run() -> bytes:
+        return peer.serve(query)
+
+    def error(result: bytes) -> float:
+        return float(np.abs(peer.decrypt_scores(result) - expected).max())
+
+    return Runner(
+        scored=workload.items,
+        run=run,
+        error=error,
+        info={
+            "threads": threads,
+            "key_bytes": peer.key_bytes,
+            "query_bytes": len(query),
+            "baby_step": peer.plan.baby,
+        },
+    )
+
+
+register(
+    Method(
+        name="desilofhe",
+        role="peer",
+        description="desilofhe diagonal BSGS, hoisted baby rotations, complex packing (2 threads)",
+        setup=desilofhe_setup,
+    )
+)
 register(
     Method(
         name="tenseal-matmul",
