@@ -35,6 +35,12 @@ class TokenError(ValueError):
     """A tokens file or setting that cannot be used."""
 
 
+class UnauthenticatedError(ServiceError):
+    """The call carries no token, or one the server does not know."""
+
+    status = "UNAUTHENTICATED"
+
+
 class PermissionDeniedError(ServiceError):
     """The caller is authenticated but the object belongs to another caller."""
 

@@ -1,8 +1,9 @@
 """The call a thread is serving: its request id, method and authenticated caller.
 
-The interceptors bind it when a call starts; the servicer (`current_caller`) and
-the log formatter (`current_call`) read it. It lives apart from the interceptors
-so that reading it pulls in neither gRPC nor anything else of the server.
+The interceptors (heserve.transport.interceptors) bind it while they decide on a
+call, and again in the thread that runs it; the servicer (`current_caller`) and the
+log formatter (`current_call`) read it. It lives apart from the interceptors so that
+reading it pulls in neither gRPC nor anything else of the server.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import re
 import uuid
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from heserve.transport.auth import ANONYMOUS, Caller
+from heserve.transport.auth import ANONYMOUS, Caller, UnauthenticatedError
 
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -20,11 +21,19 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 @dataclass(frozen=True)
 class CallInfo:
-    """What the interceptor knows about the call this thread is serving."""
+    """What the interceptors know about the call this thread is serving.
+
+    `caller` is None for a call that presented no known token: it is being refused.
+    """
 
     request_id: str
     method: str
-    caller: Caller
+    caller: Caller | None = ANONYMOUS
+
+    @property
+    def caller_name(self) -> str:
+        """The caller's name for logs; an unauthenticated call is logged as anonymous."""
+        return (self.caller or ANONYMOUS).name
 
 
 _current: ContextVar[CallInfo | None] = ContextVar("heserve_call", default=None)
@@ -40,10 +49,26 @@ def current_call() -> CallInfo | None:
     return _current.get()
 
 
-def current_caller() -> Caller:
-    """The authenticated caller of this thread's call; the anonymous one without tokens."""
+def bind_caller(caller: Caller | None) -> None:
+    """Record who makes the call this thread is deciding on (None: nobody known)."""
     info = _current.get()
-    return ANONYMOUS if info is None else info.caller
+    if info is None:
+        raise RuntimeError("bind_caller outside a call: bind_call first")
+    _current.set(replace(info, caller=caller))
+
+
+def current_caller() -> Caller:
+    """The authenticated caller of this thread's call; the anonymous one without tokens.
+
+    Raises UnauthenticatedError in a call without a known token, which the
+    interceptors refuse before it reaches the servicer: never act for nobody.
+    """
+    info = _current.get()
+    if info is None:
+        return ANONYMOUS
+    if info.caller is None:
+        raise UnauthenticatedError("missing or unknown API token")
+    return info.caller
 
 
 def request_id_of(metadata: dict[str, str]) -> str:

@@ -1,14 +1,22 @@
-"""Per-call policy around every RPC: request id, authentication, query budget, metrics, access log.
+"""Per-call policy around every RPC, one interceptor per concern.
 
-`CallInterceptor` decides in the server's dispatch thread, from metadata only, whether a
-call may run. A refused call gets a stream-stream handler that fails it before its
-request is read, so an unauthenticated client cannot make the server parse a message.
-An admitted call runs wrapped: the wrapper binds a `CallInfo` (request id, caller) to the
-worker thread, where the servicer (`current_caller()`) and the log formatter find it,
-echoes the request id in the initial metadata, and on the way out records status,
-latency and message bytes, and writes one access log line (sizes and codes only).
+- `RequestIdInterceptor`: names the call (the client's x-request-id, or a fresh one),
+  binds its `CallInfo` (heserve.transport.context) for the servicer and the logs,
+  and echoes the id in the initial metadata.
+- `AccessLogInterceptor`: one line per call with its status, duration, deadline,
+  caller and message sizes (never the messages).
+- `MetricsInterceptor`: counts, latency, bytes and status codes (heserve.transport.metrics).
+- `AuthenticationInterceptor`: who is calling; no known token, UNAUTHENTICATED.
+- `QueryBudgetInterceptor`: a caller past their Score budget, RESOURCE_EXHAUSTED.
 
-Health checks need no token and are never charged; a query budget charges Score calls.
+heserve.transport.server composes them in that order, outermost first. Refusals are
+decided in gRPC's dispatch thread from metadata alone: a refused call gets a handler
+that fails it before its request is read, so an unauthenticated client cannot make the
+server parse a message. A refused call is still a call, with an id, a log line and a
+count: that is why the request id, the log and the metrics sit outside the refusals.
+Health checks need no token and are never charged. A method the server does not
+serve is answered UNIMPLEMENTED by gRPC, and neither logged nor counted: its name is
+the caller's input, and would otherwise become a metric label.
 """
 
 from __future__ import annotations
@@ -21,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from heserve.transport.auth import ANONYMOUS, Authenticator, Caller, QueryBudget
-from heserve.transport.context import REQUEST_ID_KEY, CallInfo, bind_call, request_id_of
+from heserve.transport.auth import ANONYMOUS, Authenticator, QueryBudget
+from heserve.transport.context import (
+    REQUEST_ID_KEY,
+    CallInfo,
+    bind_call,
+    bind_caller,
+    current_call,
+    request_id_of,
+)
 from heserve.transport.metrics import Metrics
 from heserve.v1 import scoring_pb2 as pb
 
@@ -32,16 +47,23 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 SCORE_METHOD = "/heserve.v1.ScoringService/Score"
 _NO_DEADLINE_SECONDS = 1e8  # gRPC reports "no deadline" as a remaining time of centuries
 
-
 if TYPE_CHECKING:  # generic in grpc-stubs only
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Handler | None]
 else:
-    _ServerInterceptor = grpc.ServerInterceptor
+    ServerInterceptor = grpc.ServerInterceptor
 
 
-def _split(method: str) -> tuple[str, str]:
+def split_method(method: str) -> tuple[str, str]:
+    """('heserve.v1.ScoringService', 'Score') of '/heserve.v1.ScoringService/Score'."""
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name
+
+
+def is_open(method: str) -> bool:
+    """Whether `method` is served without a token (health checks)."""
+    return method.startswith(OPEN_METHOD_PREFIXES)
 
 
 def _size(message: Any) -> int:
@@ -49,229 +71,347 @@ def _size(message: Any) -> int:
     return int(size()) if callable(size) else 0
 
 
-class _Call:
-    """One admitted or refused RPC: its bookkeeping from start to status."""
+def status_name(context: grpc.ServicerContext, error: BaseException | None) -> str:
+    """How a call ended, as a status code name: what the access log and metrics report."""
+    code_of = getattr(context, "code", None)  # grpcio has it; the stubs do not
+    code = code_of() if callable(code_of) else None
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code.name
+    # The call ended early: the handler returned, or failed reading a stream the
+    # client had abandoned (grpc raises a bare RpcError); either way, not a server bug.
+    if not context.is_active():
+        return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
+    if error is not None:
+        return "UNKNOWN"
+    return "OK"
 
-    def __init__(self, info: CallInfo, metrics: Metrics | None, quiet: bool) -> None:
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The call's text metadata, the first value of each key."""
+    metadata: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            metadata.setdefault(key, value)
+    return metadata
+
+
+def refusal(code: grpc.StatusCode, message: str) -> Handler:
+    """A handler that fails its call with `code` without reading (or parsing) a request."""
+
+    def refuse(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        context.abort(code, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+# --- watching a call from start to status ---------------------------------------------
+
+
+class CallObserver:
+    """Hooks around one call, run in the thread that serves it; override what you need.
+
+    `started` runs before the handler, `received` and `sent` for each message,
+    `ended` once with the error the handler raised (None if it returned, or if the
+    client went away while a stream was being sent).
+    """
+
+    def started(self, context: grpc.ServicerContext) -> None:
+        pass
+
+    def received(self, message: Any) -> None:
+        pass
+
+    def sent(self, message: Any) -> None:
+        pass
+
+    def ended(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        pass
+
+
+def observed(handler: Handler, observer: CallObserver) -> Handler:
+    """`handler` with `observer` called around its behaviour, for all four kinds of RPC."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, observer, streaming_in=False), **serializers
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(handler.stream_unary, observer, streaming_in=True), **serializers
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _stream(handler.unary_stream, observer, streaming_in=False), **serializers
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _stream(handler.stream_stream, observer, streaming_in=True), **serializers
+    )
+
+
+def _requests(request: Any, observer: CallObserver, streaming_in: bool) -> Any:
+    """The request, or a stream that shows each message to the observer as it is read."""
+    if not streaming_in:
+        observer.received(request)
+        return request
+
+    def stream() -> Iterator[Any]:
+        for message in request:
+            observer.received(message)
+            yield message
+
+    return stream()
+
+
+def _unary(
+    behaviour: Callable[..., Any], observer: CallObserver, streaming_in: bool
+) -> Callable[..., Any]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        observer.started(context)
+        error: BaseException | None = None
+        try:
+            response = behaviour(_requests(request, observer, streaming_in), context)
+            observer.sent(response)
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            observer.ended(context, error)
+
+    return wrapped
+
+
+def _stream(
+    behaviour: Callable[..., Iterator[Any]], observer: CallObserver, streaming_in: bool
+) -> Callable[..., Iterator[Any]]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        observer.started(context)
+        error: BaseException | None = None
+        responses: Iterator[Any] | None = None
+        try:
+            responses = behaviour(_requests(request, observer, streaming_in), context)
+            for response in responses:
+                observer.sent(response)
+                yield response
+        except GeneratorExit:  # gRPC stopped reading: the client went away
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            # Stop the behaviour now (a Score stops computing), not when it is collected.
+            close = getattr(responses, "close", None)
+            if callable(close):
+                close()
+            observer.ended(context, error)
+
+    return wrapped
+
+
+# --- the interceptors -------------------------------------------------------------------
+
+
+class RequestIdInterceptor(ServerInterceptor):
+    """Names every call and binds its CallInfo, for the interceptors within, the servicer
+    and the logs; echoes the request id to the client in the initial metadata."""
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        method: str = handler_call_details.method
+        bind_call(CallInfo(request_id_of(_metadata(handler_call_details)), method))
+        handler = continuation(handler_call_details)
+        info = current_call()  # with what the interceptors within learnt: the caller
+        if handler is None or info is None:
+            return handler
+        return observed(handler, _Named(info))
+
+
+class _Named(CallObserver):
+    def __init__(self, info: CallInfo) -> None:
         self.info = info
-        self.metrics = metrics
-        self.quiet = quiet
-        self.labels = _split(info.method)
+
+    def started(self, context: grpc.ServicerContext) -> None:
+        bind_call(self.info)  # in the thread that serves the call
+        with contextlib.suppress(ValueError, grpc.RpcError):  # the client is already gone
+            context.send_initial_metadata(((REQUEST_ID_KEY, self.info.request_id),))
+
+
+class AccessLogInterceptor(ServerInterceptor):
+    """Logs each call to 'heserve.access': a DEBUG line as it starts, and one line as it
+    ends with its code, duration, deadline, caller and message bytes (sizes only).
+    Successful health checks are logged at DEBUG, everything else at INFO."""
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        return None if handler is None else observed(handler, _Logged())
+
+
+class _Logged(CallObserver):
+    def __init__(self) -> None:
+        self.info = CallInfo("", "")
+        self.started_at = 0.0
+        self.deadline_ms: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.started = 0.0
-        self.deadline_ms: float | None = None
-        self.catalog = ""  # Score's, for the items-scored counter
 
-    def begin(self, context: grpc.ServicerContext) -> None:
-        bind_call(self.info)
-        self.started = time.perf_counter()
+    def started(self, context: grpc.ServicerContext) -> None:
+        self.info = current_call() or self.info
+        self.started_at = time.perf_counter()
         remaining = context.time_remaining()  # huge, or None, without a deadline
         if remaining is not None and remaining < _NO_DEADLINE_SECONDS:
             self.deadline_ms = round(remaining * 1000, 1)
+        method = split_method(self.info.method)[1]
         log.debug(
             "%s started",
-            self.labels[1],
+            method,
             extra={
                 "fields": {
-                    "method": self.labels[1],
+                    "method": method,
                     "request_id": self.info.request_id,
-                    "caller": self.info.caller.name,
+                    "caller": self.info.caller_name,
                     "peer": context.peer(),
                     "deadline_ms": self.deadline_ms,
                 }
             },
         )
-        if self.metrics is not None:
-            self.metrics.requests.labels(*self.labels).inc()
-            self.metrics.in_flight.inc()
-        with contextlib.suppress(ValueError, grpc.RpcError):  # the client is already gone
-            context.send_initial_metadata(((REQUEST_ID_KEY, self.info.request_id),))
 
-    def received(self, message: Any) -> Any:
+    def received(self, message: Any) -> None:
         self.bytes_in += _size(message)
-        return message
 
-    def sent(self, message: Any) -> Any:
+    def sent(self, message: Any) -> None:
         self.bytes_out += _size(message)
-        if isinstance(message, pb.ScoreResponse) and self.metrics is not None:
-            self.metrics.items_scored.labels(self.catalog).inc(message.count)
-        return message
 
-    def end(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
-        seconds = time.perf_counter() - self.started
-        code = self._code(context, error)
-        service, method = self.labels
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight.dec()
-            metrics.latency.labels(service, method).observe(seconds)
-            metrics.bytes_received.labels(service, method).inc(self.bytes_in)
-            metrics.bytes_sent.labels(service, method).inc(self.bytes_out)
-            if code != "OK":
-                metrics.errors.labels(service, method, code).inc()
-        level = logging.DEBUG if self.quiet and code == "OK" else logging.INFO
+    def ended(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        milliseconds = (time.perf_counter() - self.started_at) * 1000
+        code = status_name(context, error)
+        service, method = split_method(self.info.method)
+        quiet = is_open(self.info.method) and code == "OK"
         log.log(
-            level,
+            logging.DEBUG if quiet else logging.INFO,
             "%s %s %.1f ms",
             method,
             code,
-            seconds * 1000,
+            milliseconds,
             extra={
                 "fields": {
                     "service": service,
                     "method": method,
                     "code": code,
                     "request_id": self.info.request_id,
-                    "duration_ms": round(seconds * 1000, 1),
+                    "duration_ms": round(milliseconds, 1),
                     "deadline_ms": self.deadline_ms,
-                    "caller": self.info.caller.name,
+                    "caller": self.info.caller_name,
                     "bytes_in": self.bytes_in,
                     "bytes_out": self.bytes_out,
                 }
             },
         )
 
-    @staticmethod
-    def _code(context: grpc.ServicerContext, error: BaseException | None) -> str:
-        code_of = getattr(context, "code", None)  # grpcio has it; the stubs do not
-        code = code_of() if callable(code_of) else None
-        if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
-            return code.name
-        # The call ended early: the handler returned, or failed reading a stream the
-        # client had abandoned (grpc raises a bare RpcError); either way, not a server bug.
-        if not context.is_active():
-            return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
-        if error is not None:
-            return "UNKNOWN"
-        return "OK"
 
-    # --- behaviours -----------------------------------------------------------------
+class MetricsInterceptor(ServerInterceptor):
+    """Counts each call in `metrics`: started, in flight, latency, message bytes, the
+    status of failures, and for Score the items scored per catalog."""
 
-    def refuse(self, code: grpc.StatusCode, message: str) -> Callable[..., Iterator[Any]]:
-        def behaviour(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            self.begin(context)
-            try:
-                context.abort(code, message)
-            except BaseException as error:
-                self.end(context, error)
-                raise
-            raise AssertionError("ServicerContext.abort returned")
-
-        return behaviour
-
-    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, streaming_in=False), **serializers
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, streaming_in=True), **serializers
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, streaming_in=False), **serializers
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, streaming_in=True), **serializers
-        )
-
-    def _request(self, request: Any, streaming_in: bool) -> Any:
-        if streaming_in:
-            return (self.received(message) for message in request)
-        if isinstance(request, pb.ScoreRequest):
-            self.catalog = request.catalog
-        return self.received(request)
-
-    def _unary(self, behaviour: Callable[..., Any], streaming_in: bool) -> Callable[..., Any]:
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            self.begin(context)
-            error: BaseException | None = None
-            try:
-                return self.sent(behaviour(self._request(request, streaming_in), context))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.end(context, error)
-
-        return wrapped
-
-    def _stream(
-        self, behaviour: Callable[..., Iterator[Any]], streaming_in: bool
-    ) -> Callable[..., Iterator[Any]]:
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self.begin(context)
-            error: BaseException | None = None
-            try:
-                for response in behaviour(self._request(request, streaming_in), context):
-                    yield self.sent(response)
-            except GeneratorExit:  # gRPC stopped reading: the client went away
-                raise
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.end(context, error)
-
-        return wrapped
-
-
-class CallInterceptor(_ServerInterceptor):
-    """Request ids, authentication, query budgets, metrics and access logs for every call."""
-
-    def __init__(
-        self,
-        authenticator: Authenticator | None = None,
-        budget: QueryBudget | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.authenticator = authenticator
-        self.budget = budget
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
-            return None  # gRPC answers UNIMPLEMENTED
+            return None
+        labels = split_method(handler_call_details.method)
+        return observed(handler, _Counted(self.metrics, labels))
+
+
+class _Counted(CallObserver):
+    def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.started_at = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.catalog = ""  # Score's, for the items-scored counter
+
+    def started(self, context: grpc.ServicerContext) -> None:
+        self.started_at = time.perf_counter()
+        self.metrics.requests.labels(*self.labels).inc()
+        self.metrics.in_flight.inc()
+
+    def received(self, message: Any) -> None:
+        self.bytes_in += _size(message)
+        if isinstance(message, pb.ScoreRequest):
+            self.catalog = message.catalog
+
+    def sent(self, message: Any) -> None:
+        self.bytes_out += _size(message)
+        if isinstance(message, pb.ScoreResponse):
+            self.metrics.items_scored.labels(self.catalog).inc(message.count)
+
+    def ended(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        metrics, labels = self.metrics, self.labels
+        metrics.in_flight.dec()
+        metrics.latency.labels(*labels).observe(time.perf_counter() - self.started_at)
+        metrics.bytes_received.labels(*labels).inc(self.bytes_in)
+        metrics.bytes_sent.labels(*labels).inc(self.bytes_out)
+        code = status_name(context, error)
+        if code != "OK":
+            metrics.errors.labels(*labels, code).inc()
+
+
+class AuthenticationInterceptor(ServerInterceptor):
+    """Binds the caller of a token (`authorization: Bearer ...`) to the call; refuses a
+    call without a known one with UNAUTHENTICATED. Health checks need no token."""
+
+    MESSAGE = "missing or unknown API token: send metadata 'authorization: Bearer <token>'"
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         method: str = handler_call_details.method
-        metadata: dict[str, str] = {}
-        for key, value in handler_call_details.invocation_metadata or ():
-            if isinstance(value, str):
-                metadata.setdefault(key, value)
-        is_open = method.startswith(OPEN_METHOD_PREFIXES)
-        caller: Caller | None = ANONYMOUS
-        if self.authenticator is not None and not is_open:
-            caller = self.authenticator.authenticate(metadata)
-        call = _Call(
-            CallInfo(request_id_of(metadata), method, caller or ANONYMOUS), self.metrics, is_open
+        caller = (
+            ANONYMOUS
+            if is_open(method)
+            else self.authenticator.authenticate(_metadata(handler_call_details))
         )
-        if caller is None:
-            return grpc.stream_stream_rpc_method_handler(
-                call.refuse(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing or unknown API token: send metadata 'authorization: Bearer <token>'",
-                )
-            )
-        if self.budget is not None and method == SCORE_METHOD:
-            wait = self.budget.charge(caller.name)
-            if wait is not None:
-                budget = self.budget
-                return grpc.stream_stream_rpc_method_handler(
-                    call.refuse(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"query budget spent: {budget.limit} Score calls per "
-                        f"{budget.window_seconds:g} s; it renews in {wait:.0f} s",
-                    )
-                )
-        return call.wrap(handler)
+        bind_caller(caller)  # before the interceptors within: the budget charges the caller
+        handler = continuation(handler_call_details)
+        if handler is None or caller is not None:
+            return handler
+        return refusal(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+
+
+class QueryBudgetInterceptor(ServerInterceptor):
+    """Charges each Score call to its caller's budget; refuses one past it with
+    RESOURCE_EXHAUSTED. Nothing else is charged, nor a call nobody is known to make."""
+
+    def __init__(self, budget: QueryBudget) -> None:
+        self.budget = budget
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        info = current_call()
+        caller = ANONYMOUS if info is None else info.caller
+        if handler is None or caller is None or handler_call_details.method != SCORE_METHOD:
+            return handler
+        wait = self.budget.charge(caller.name)
+        if wait is None:
+            return handler
+        return refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"query budget spent: {self.budget.limit} Score calls per "
+            f"{self.budget.window_seconds:g} s; it renews in {wait:.0f} s",
+        )

@@ -1,5 +1,5 @@
 """Run the ScoringService: a gRPC server with health checking, reflection, TLS,
-per-call policy (tokens, budgets, metrics, request ids; see heserve.transport.interceptors),
+per-call policy (request ids, access log, metrics, tokens, budgets; see `interceptors`),
 bounded concurrency and message sizes, and a graceful shutdown on SIGTERM/SIGINT.
 """
 
@@ -20,7 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from heserve.domain.scorer import Scorer
 from heserve.protocol.pem import read_pem
 from heserve.transport.auth import Authenticator, QueryBudget
-from heserve.transport.interceptors import CallInterceptor
+from heserve.transport.interceptors import (
+    AccessLogInterceptor,
+    AuthenticationInterceptor,
+    MetricsInterceptor,
+    QueryBudgetInterceptor,
+    RequestIdInterceptor,
+    ServerInterceptor,
+)
 from heserve.transport.metrics import Metrics
 from heserve.transport.servicer import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -49,6 +56,33 @@ class TlsConfig:
             root_certificates=self.client_ca,
             require_client_auth=self.client_ca is not None,
         )
+
+
+def interceptors(
+    metrics: Metrics,
+    authenticator: Authenticator | None = None,
+    query_budget: QueryBudget | None = None,
+) -> list[ServerInterceptor]:
+    """The per-call policy, outermost first (gRPC runs the first interceptor first).
+
+    1. Request id: every call is named first, so each line logged about it, refusals
+       included, carries its id, and the client gets the id back even when refused.
+    2. Access log and 3. metrics: outside the refusals, so a refused call is still
+       logged and counted with its status.
+    4. Authentication, then 5. the query budget: the budget charges the caller the
+       authentication found, and a call without a known token charges nobody.
+    Both refuse in the dispatch thread, before the request is read.
+    """
+    chain: list[ServerInterceptor] = [
+        RequestIdInterceptor(),
+        AccessLogInterceptor(),
+        MetricsInterceptor(metrics),
+    ]
+    if authenticator is not None:
+        chain.append(AuthenticationInterceptor(authenticator))
+    if query_budget is not None:
+        chain.append(QueryBudgetInterceptor(query_budget))
+    return chain
 
 
 @dataclass
@@ -91,7 +125,7 @@ def start_server(
     metrics = Metrics(scorer, max_concurrent_rpcs)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve"),
-        interceptors=[CallInterceptor(authenticator, query_budget, metrics)],
+        interceptors=interceptors(metrics, authenticator, query_budget),
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
