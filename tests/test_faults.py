@@ -29,7 +29,7 @@ from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import Scorer
 from heserve.protocol import wire as wire_format
 from heserve.protocol.params import DEFAULT_PARAMETERS
-from heserve.protocol.slots import query_slots
+from heserve.protocol.slots import FloatArray, query_slots
 from heserve.transport import servicer as service
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
@@ -268,15 +268,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (a dead worker is reaped by the pool before it is replaced)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _workers_cpu(backend: PoolBackend) -> float:
     return sum(_cpu_seconds(pid) for pid in backend.worker_pids())
 
@@ -341,12 +332,27 @@ def test_workers_stop_computing_a_query_the_client_hung_up_on(
     _assert_serves(_target(server), pool_catalog)
 
 
+def _user_of(catalog: Catalog, seed: int) -> tuple[FloatArray, FloatArray]:
+    """A user vector and its plaintext scores over `catalog`."""
+    vector = unit_rows(1, catalog.dimension, seed=seed)[0]
+    return vector, catalog.embeddings @ vector
+
+
+def _assert_replaced(
+    pool: tuple[RunningServer, PoolBackend], shard: int, victim: int, catalog: Catalog
+) -> None:
+    """A new process serves the shard, the killed one is dead and reaped, and queries work."""
+    server, backend = pool
+    assert backend.worker_pids()[shard] != victim
+    assert not os.path.exists(f"/proc/{victim}")
+    _assert_serves(_target(server), catalog)
+
+
 def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds(
     pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
 ) -> None:
     server, backend = pool
-    vector = unit_rows(1, POOL_DIMENSION, seed=66)[0]
-    expected = pool_catalog.embeddings @ vector
+    vector, expected = _user_of(pool_catalog, seed=66)
     with Client(_target(server), timeout=TIMEOUT) as client:
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
         restarts = backend.restarts
@@ -363,17 +369,14 @@ def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds
 
         _wait_for(lambda: backend.restarts == restarts + 1, timeout=TIMEOUT)
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
-    assert backend.worker_pids()[0] != victim
-    assert not _alive(victim)
-    _assert_serves(_target(server), pool_catalog)
+    _assert_replaced(pool, 0, victim, pool_catalog)
 
 
 def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replaced(
     pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
 ) -> None:
     server, backend = pool
-    vector = unit_rows(1, POOL_DIMENSION, seed=67)[0]
-    expected = pool_catalog.embeddings @ vector
+    vector, expected = _user_of(pool_catalog, seed=67)
     registry = server.metrics.registry
 
     def items_streamed() -> float:
@@ -401,9 +404,7 @@ def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replace
         # The next query waits for the replacement, which re-encoded its shard.
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
         assert backend.restarts == restarts + 1
-    assert backend.worker_pids()[1] != victim
-    assert not _alive(victim)
-    _assert_serves(_target(server), pool_catalog)
+    _assert_replaced(pool, 1, victim, pool_catalog)
 
 
 # --- a server restart -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tenseal.sealapi as seal
+from conftest import raw_scores, register_keys
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -27,7 +28,7 @@ from heserve.domain.keystore import KeyStore, KeyTooLargeError
 from heserve.domain.scorer import KeyRetentionPolicy, Scorer
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.reasons import KEY_NOT_FOUND
-from heserve.protocol.slots import query_slots, unpack_complex
+from heserve.protocol.slots import query_slots
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -68,14 +69,6 @@ def error_reasons(error: grpc.RpcError) -> list[str]:
     return reasons
 
 
-def register(stub: pb_grpc.ScoringServiceStub, blob: bytes) -> str:
-    requests = (
-        pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + (1 << 20)])
-        for start in range(0, len(blob), 1 << 20)
-    )
-    return str(stub.RegisterKeys(requests, timeout=TIMEOUT).key_id)
-
-
 def galois_steps(stub: pb_grpc.ScoringServiceStub) -> list[int]:
     info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT)
     return list(info.ckks.galois_steps)
@@ -96,19 +89,6 @@ def score_request(
         query=secret.encrypt(slots),
         complex_scores=complex_scores,
     )
-
-
-def raw_scores(
-    stub: pb_grpc.ScoringServiceStub, secret: SecretContext, request: pb.ScoreRequest, count: int
-) -> FloatArray:
-    scores = np.full(count, np.nan)
-    for reply in stub.Score(request, timeout=TIMEOUT):
-        if request.complex_scores:
-            values = unpack_complex(secret.decrypt_complex(reply.scores, 1 << 24), reply.count)
-        else:
-            values = secret.decrypt(reply.scores, 1 << 24)[: reply.count]
-        scores[reply.offset : reply.offset + reply.count] = values
-    return scores
 
 
 def score_error(stub: pb_grpc.ScoringServiceStub, request: pb.ScoreRequest) -> grpc.RpcError:
@@ -142,7 +122,7 @@ def test_delete_keys_forgets_the_key(
     films_user: FloatArray,
 ) -> None:
     before = len(scorer.keys)
-    key_id = register(stub, secret.galois_keys(galois_steps(stub)))
+    key_id = register_keys(stub, secret.galois_keys(galois_steps(stub)))
     assert len(scorer.keys) == before + 1
     request = score_request(secret, key_id, films, films_user)
     assert max_error(raw_scores(stub, secret, request, films.item_count), films, films_user) < 1e-4
@@ -269,7 +249,9 @@ def test_least_recently_used_keys_are_evicted_when_the_store_is_full(
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.ScoringServiceStub(channel)
             steps = galois_steps(stub)
-            first, second, third = (register(stub, secret.galois_keys(steps)) for _ in range(3))
+            first, second, third = (
+                register_keys(stub, secret.galois_keys(steps)) for _ in range(3)
+            )
             assert len({first, second, third}) == 3
             # the third registration evicted the first, the least recently used
             assert len(scorer.keys) == 2
@@ -279,7 +261,7 @@ def test_least_recently_used_keys_are_evicted_when_the_store_is_full(
             request = score_request(secret, second, films, films_user)
             scores = raw_scores(stub, secret, request, films.item_count)
             assert max_error(scores, films, films_user) < 1e-4
-            fourth = register(stub, secret.galois_keys(steps))
+            fourth = register_keys(stub, secret.galois_keys(steps))
             for held in (second, fourth):
                 request = score_request(secret, held, films, films_user)
                 scores = raw_scores(stub, secret, request, films.item_count)
@@ -299,7 +281,7 @@ def test_keys_larger_than_the_whole_store_are_exhausted(
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.ScoringServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
-                register(stub, secret.galois_keys(galois_steps(stub)))
+                register_keys(stub, secret.galois_keys(galois_steps(stub)))
 
             assert code_of(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert len(scorer.keys) == 0
@@ -316,14 +298,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def new_store(clock: FakeClock, max_keys: int, max_bytes: int) -> KeyStore[seal.GaloisKeys]:
+    """A store with a 60 s TTL on the fake clock."""
+    return KeyStore(max_keys=max_keys, max_bytes=max_bytes, ttl_seconds=60, clock=clock)
+
+
 def keys() -> seal.GaloisKeys:
     return seal.GaloisKeys()
 
 
 def test_store_returns_what_it_holds(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=4, max_bytes=1000, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=4, max_bytes=1000)
     a, b = keys(), keys()
     store.put("a", a, 10)
     store.put("b", b, 20)
@@ -338,9 +323,7 @@ def test_store_returns_what_it_holds(clock: FakeClock) -> None:
 
 
 def test_store_forgets_keys_idle_for_the_ttl(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=4, max_bytes=1000, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=4, max_bytes=1000)
     a = keys()
     store.put("a", a, 10)
     store.put("b", keys(), 10)
@@ -358,9 +341,7 @@ def test_store_forgets_keys_idle_for_the_ttl(clock: FakeClock) -> None:
 
 
 def test_store_evicts_least_recently_used_by_count(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=3, max_bytes=1000, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=3, max_bytes=1000)
     for key_id in "abc":
         store.put(key_id, keys(), 1)
         clock.now += 1
@@ -374,9 +355,7 @@ def test_store_evicts_least_recently_used_by_count(clock: FakeClock) -> None:
 
 
 def test_store_evicts_least_recently_used_by_bytes(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=100, max_bytes=100, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=100, max_bytes=100)
     store.put("a", keys(), 40)
     store.put("b", keys(), 40)
     assert store.touch("a")
@@ -395,9 +374,7 @@ def test_store_evicts_least_recently_used_by_bytes(clock: FakeClock) -> None:
 
 
 def test_store_refuses_keys_larger_than_itself(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=4, max_bytes=100, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=4, max_bytes=100)
     store.put("a", keys(), 60)
 
     with pytest.raises(KeyTooLargeError):
@@ -409,9 +386,7 @@ def test_store_refuses_keys_larger_than_itself(clock: FakeClock) -> None:
 
 
 def test_store_replacing_a_key_does_not_count_it_twice(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=2, max_bytes=100, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=2, max_bytes=100)
     store.put("a", keys(), 40)
     store.put("b", keys(), 40)
     replacement = keys()
@@ -424,9 +399,7 @@ def test_store_replacing_a_key_does_not_count_it_twice(clock: FakeClock) -> None
 
 
 def test_store_delete(clock: FakeClock) -> None:
-    store: KeyStore[seal.GaloisKeys] = KeyStore(
-        max_keys=4, max_bytes=100, ttl_seconds=60, clock=clock
-    )
+    store = new_store(clock, max_keys=4, max_bytes=100)
     store.put("a", keys(), 30)
     store.put("b", keys(), 30)
 
