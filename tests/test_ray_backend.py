@@ -115,6 +115,24 @@ def test_ray_scores_equal_local_scores_in_layout_and_value(
     assert np.abs(ray_scores - catalog.embeddings @ vector).max() < 1e-4
 
 
+def test_ray_actors_score_re_ranking_subsets(
+    scorer: Scorer, catalog: Catalog, secret: SecretContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("the front process scored a query itself")
+
+    monkeypatch.setattr(scorer.engine, "score", refuse)
+    key_id = scorer.register_keys(secret.galois_keys(scorer.galois_steps))
+    vector = unit_rows(1, DIMENSION, 27)[0]
+    # one chunk (one actor idle), then three chunks over both actors
+    for count in (5, 4 * SLOTS + 9):
+        rows = np.random.default_rng(count).permutation(ITEMS)[:count]
+        ids = [catalog.ids[row] for row in rows]
+        runs = list(scorer.score(key_id, "ray", _query(secret, vector), ids))
+        assert sum(run.count for run in runs) == count
+        assert np.abs(_decrypt(secret, runs) - catalog.embeddings[rows] @ vector).max() < 1e-4
+
+
 def test_keys_reach_each_actor_once_and_leave_on_delete(
     scorer: Scorer, backend: RayBackend, secret: SecretContext
 ) -> None:
