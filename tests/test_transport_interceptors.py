@@ -17,16 +17,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from heserve.domain.scorer import Scorer
+from heserve.transport import interceptors as policy
 from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.context import CallInfo, current_call
-from heserve.transport.interceptors import (
-    AccessLogInterceptor,
-    AuthenticationInterceptor,
-    MetricsInterceptor,
-    QueryBudgetInterceptor,
-    RequestIdInterceptor,
-    ServerInterceptor,
-)
 from heserve.transport.metrics import Metrics
 from heserve.transport.server import interceptors
 from heserve.v1 import scoring_pb2 as pb
@@ -37,6 +30,7 @@ SERVICE = "heserve.v1.ScoringService"
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789ab"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
+SCORE_BOOKS = pb.ScoreRequest(catalog="books", query=b"q" * 50)
 
 
 def _bearer(token: str, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
@@ -104,9 +98,12 @@ class StandIn:
 
 
 @contextmanager
-def serving(*chain: ServerInterceptor) -> Iterator[tuple[StandIn, grpc.Channel]]:
-    """A server on a free loopback port with `chain` (outermost first), and a channel to it."""
-    stand_in = StandIn()
+def serving(
+    *chain: policy.ServerInterceptor, stand_in: StandIn | None = None
+) -> Iterator[tuple[StandIn, pb_grpc.ScoringServiceStub, grpc.Channel]]:
+    """A server on a free loopback port with `chain` (outermost first) before `stand_in`,
+    and a stub and channel to it."""
+    stand_in = stand_in or StandIn()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=list(chain))
     server.add_generic_rpc_handlers((stand_in.handler(),))
     health_servicer = health.HealthServicer()
@@ -116,7 +113,7 @@ def serving(*chain: ServerInterceptor) -> Iterator[tuple[StandIn, grpc.Channel]]
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield stand_in, channel
+            yield stand_in, pb_grpc.ScoringServiceStub(channel), channel
     finally:
         server.stop(None).wait()
 
@@ -150,8 +147,7 @@ def alice_and_bob() -> Authenticator:
 
 
 def test_a_request_id_is_echoed_generated_or_replaced_and_bound_for_the_servicer() -> None:
-    with serving(RequestIdInterceptor()) as (stand_in, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    with serving(policy.RequestIdInterceptor()) as (stand_in, stub, _):
         ids = []
         for supplied in ("checkout-42", None, "a b", "x" * 129):
             metadata = () if supplied is None else (("x-request-id", supplied),)
@@ -176,9 +172,8 @@ def test_a_request_id_is_echoed_generated_or_replaced_and_bound_for_the_servicer
 def test_a_call_without_a_known_token_is_unauthenticated_before_its_request_is_parsed(
     alice_and_bob: Authenticator,
 ) -> None:
-    chain = (RequestIdInterceptor(), AuthenticationInterceptor(alice_and_bob))
-    with serving(*chain) as (stand_in, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    chain = (policy.RequestIdInterceptor(), policy.AuthenticationInterceptor(alice_and_bob))
+    with serving(*chain) as (stand_in, stub, channel):
         info = pb.GetServerInfoRequest()
         refusals = [
             _refused(lambda: stub.GetServerInfo(info, timeout=TIMEOUT)),
@@ -215,13 +210,12 @@ def test_score_past_the_budget_is_resource_exhausted_per_caller_and_nothing_else
 ) -> None:
     budget = QueryBudget(2, window_seconds=3600)
     chain = (
-        RequestIdInterceptor(),
-        AuthenticationInterceptor(alice_and_bob),
-        QueryBudgetInterceptor(budget),
+        policy.RequestIdInterceptor(),
+        policy.AuthenticationInterceptor(alice_and_bob),
+        policy.QueryBudgetInterceptor(budget),
     )
     request = pb.ScoreRequest(catalog="c", query=b"q")
-    with serving(*chain) as (stand_in, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    with serving(*chain) as (stand_in, stub, channel):
         for _ in range(3):  # not charged: not Score
             stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT, metadata=_bearer(ALICE))
             _check_health(channel)
@@ -244,10 +238,9 @@ def test_score_past_the_budget_is_resource_exhausted_per_caller_and_nothing_else
 
 
 def test_without_tokens_the_budget_charges_the_anonymous_caller() -> None:
-    chain = (RequestIdInterceptor(), QueryBudgetInterceptor(QueryBudget(1)))
+    chain = (policy.RequestIdInterceptor(), policy.QueryBudgetInterceptor(QueryBudget(1)))
     request = pb.ScoreRequest(catalog="c", query=b"q")
-    with serving(*chain) as (_, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    with serving(*chain) as (_, stub, _):
         assert len(list(stub.Score(request, timeout=TIMEOUT))) == 3
         error = _refused(lambda: list(stub.Score(request, timeout=TIMEOUT)))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -256,10 +249,9 @@ def test_without_tokens_the_budget_charges_the_anonymous_caller() -> None:
 def test_a_token_named_anonymous_is_not_charged_for_calls_without_a_token() -> None:
     budget = QueryBudget(1)
     authenticator = Authenticator([("anonymous", ALICE)])
-    chain = (RequestIdInterceptor(), AuthenticationInterceptor(authenticator))
+    chain = (policy.RequestIdInterceptor(), policy.AuthenticationInterceptor(authenticator))
     request = pb.ScoreRequest(catalog="c", query=b"q")
-    with serving(*chain, QueryBudgetInterceptor(budget)) as (_, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    with serving(*chain, policy.QueryBudgetInterceptor(budget)) as (_, stub, _):
         for _ in range(3):
             error = _refused(lambda: list(stub.Score(request, timeout=TIMEOUT)))
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -281,13 +273,12 @@ def test_metrics_count_every_call_refused_ones_included_but_not_unknown_methods(
 ) -> None:
     metrics = Metrics(scorer)
     chain = (
-        RequestIdInterceptor(),
-        MetricsInterceptor(metrics),
-        AuthenticationInterceptor(alice_and_bob),
+        policy.RequestIdInterceptor(),
+        policy.MetricsInterceptor(metrics),
+        policy.AuthenticationInterceptor(alice_and_bob),
     )
-    request = pb.ScoreRequest(catalog="books", query=b"q" * 50)
-    with serving(*chain) as (_, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    request = SCORE_BOOKS
+    with serving(*chain) as (_, stub, channel):
         for _ in range(2):
             _refused(lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT))
         assert len(list(stub.Score(request, timeout=TIMEOUT, metadata=_bearer(ALICE)))) == 3
@@ -339,14 +330,13 @@ def test_the_access_log_has_one_line_per_call_with_sizes_codes_and_the_caller(
     caplog.set_level(logging.DEBUG, logger="heserve.access")
     budget = QueryBudget(1)
     chain = (
-        RequestIdInterceptor(),
-        AccessLogInterceptor(),
-        AuthenticationInterceptor(alice_and_bob),
-        QueryBudgetInterceptor(budget),
+        policy.RequestIdInterceptor(),
+        policy.AccessLogInterceptor(),
+        policy.AuthenticationInterceptor(alice_and_bob),
+        policy.QueryBudgetInterceptor(budget),
     )
-    request = pb.ScoreRequest(catalog="books", query=b"q" * 50)
-    with serving(*chain) as (_, channel):
-        stub = pb_grpc.ScoringServiceStub(channel)
+    request = SCORE_BOOKS
+    with serving(*chain) as (_, stub, channel):
         _check_health(channel)
         list(stub.Score(request, timeout=TIMEOUT, metadata=_bearer(ALICE, "score-1")))
         _refused(lambda: list(stub.Score(request, timeout=TIMEOUT, metadata=_bearer(ALICE, "s-2"))))
@@ -389,16 +379,16 @@ def test_the_server_composes_them_request_id_first_and_refusals_last(
     metrics = Metrics(scorer)
     chain = interceptors(metrics, alice_and_bob, QueryBudget(5))
     assert [type(interceptor) for interceptor in chain] == [
-        RequestIdInterceptor,
-        AccessLogInterceptor,
-        MetricsInterceptor,
-        AuthenticationInterceptor,
-        QueryBudgetInterceptor,
+        policy.RequestIdInterceptor,
+        policy.AccessLogInterceptor,
+        policy.MetricsInterceptor,
+        policy.AuthenticationInterceptor,
+        policy.QueryBudgetInterceptor,
     ]
     assert [type(i) for i in interceptors(metrics)] == [
-        RequestIdInterceptor,
-        AccessLogInterceptor,
-        MetricsInterceptor,
+        policy.RequestIdInterceptor,
+        policy.AccessLogInterceptor,
+        policy.MetricsInterceptor,
     ]
 
 
@@ -429,26 +419,20 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_behaviour_and_is_cancelled(
             finally:
                 stopped.set()
 
-    stand_in = Endless()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2),
-        interceptors=[RequestIdInterceptor(), AccessLogInterceptor(), MetricsInterceptor(metrics)],
+    chain = (
+        policy.RequestIdInterceptor(),
+        policy.AccessLogInterceptor(),
+        policy.MetricsInterceptor(metrics),
     )
-    server.add_generic_rpc_handlers((stand_in.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = pb_grpc.ScoringServiceStub(channel).Score(
-                pb.ScoreRequest(catalog="c"), timeout=TIMEOUT
-            )
+        with serving(*chain, stand_in=Endless()) as (_, stub, _):
+            call = stub.Score(pb.ScoreRequest(catalog="c"), timeout=TIMEOUT)
             next(call)
             call.cancel()
-        release.set()
-        assert stopped.wait(TIMEOUT)
-        assert logged.wait(TIMEOUT)
+            release.set()
+            assert stopped.wait(TIMEOUT)
+            assert logged.wait(TIMEOUT)
     finally:
-        server.stop(None).wait()
         logging.getLogger("heserve.access").removeHandler(ended)
 
     assert [fields["code"] for _, fields in _access_lines(caplog)] == ["CANCELLED"]

@@ -215,19 +215,35 @@ def _stream(
 # --- the interceptors -------------------------------------------------------------------
 
 
-class RequestIdInterceptor(ServerInterceptor):
+class _ServedMethodInterceptor(ServerInterceptor):
+    """An interceptor that acts on the handler of a method the server serves; for any
+    other method it steps aside and gRPC answers UNIMPLEMENTED."""
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        return None if handler is None else self.intercept(handler, handler_call_details.method)
+
+    def intercept(self, handler: Handler, method: str) -> Handler:
+        """The handler to run for a call of `method` (the one found, wrapped, or a refusal)."""
+        raise NotImplementedError
+
+
+class RequestIdInterceptor(_ServedMethodInterceptor):
     """Names every call and binds its CallInfo, for the interceptors within, the servicer
     and the logs; echoes the request id to the client in the initial metadata."""
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        method: str = handler_call_details.method
-        bind_call(CallInfo(request_id_of(_metadata(handler_call_details)), method))
-        handler = continuation(handler_call_details)
+        request_id = request_id_of(_metadata(handler_call_details))
+        bind_call(CallInfo(request_id, handler_call_details.method))
+        return super().intercept_service(continuation, handler_call_details)
+
+    def intercept(self, handler: Handler, method: str) -> Handler:
         info = current_call()  # with what the interceptors within learnt: the caller
-        if handler is None or info is None:
-            return handler
+        assert info is not None
         return observed(handler, _Named(info))
 
 
@@ -241,16 +257,13 @@ class _Named(CallObserver):
             context.send_initial_metadata(((REQUEST_ID_KEY, self.info.request_id),))
 
 
-class AccessLogInterceptor(ServerInterceptor):
+class AccessLogInterceptor(_ServedMethodInterceptor):
     """Logs each call to 'heserve.access': a DEBUG line as it starts, and one line as it
     ends with its code, duration, deadline, caller and message bytes (sizes only).
     Successful health checks are logged at DEBUG, everything else at INFO."""
 
-    def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        return None if handler is None else observed(handler, _Logged())
+    def intercept(self, handler: Handler, method: str) -> Handler:
+        return observed(handler, _Logged())
 
 
 class _Logged(CallObserver):
@@ -315,21 +328,15 @@ class _Logged(CallObserver):
         )
 
 
-class MetricsInterceptor(ServerInterceptor):
+class MetricsInterceptor(_ServedMethodInterceptor):
     """Counts each call in `metrics`: started, in flight, latency, message bytes, the
     status of failures, and for Score the items scored per catalog."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        labels = split_method(handler_call_details.method)
-        return observed(handler, _Counted(self.metrics, labels))
+    def intercept(self, handler: Handler, method: str) -> Handler:
+        return observed(handler, _Counted(self.metrics, split_method(method)))
 
 
 class _Counted(CallObserver):
@@ -367,7 +374,7 @@ class _Counted(CallObserver):
             metrics.errors.labels(*labels, code).inc()
 
 
-class AuthenticationInterceptor(ServerInterceptor):
+class AuthenticationInterceptor(_ServedMethodInterceptor):
     """Binds the caller of a token (`authorization: Bearer ...`) to the call; refuses a
     call without a known one with UNAUTHENTICATED. Health checks need no token."""
 
@@ -380,32 +387,29 @@ class AuthenticationInterceptor(ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         method: str = handler_call_details.method
-        caller = (
-            ANONYMOUS
-            if is_open(method)
-            else self.authenticator.authenticate(_metadata(handler_call_details))
-        )
-        bind_caller(caller)  # before the interceptors within: the budget charges the caller
-        handler = continuation(handler_call_details)
-        if handler is None or caller is not None:
+        metadata = _metadata(handler_call_details)
+        # Bound before the interceptors within run: the budget charges this caller.
+        bind_caller(ANONYMOUS if is_open(method) else self.authenticator.authenticate(metadata))
+        return super().intercept_service(continuation, handler_call_details)
+
+    def intercept(self, handler: Handler, method: str) -> Handler:
+        info = current_call()
+        if info is not None and info.caller is not None:
             return handler
         return refusal(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
 
 
-class QueryBudgetInterceptor(ServerInterceptor):
+class QueryBudgetInterceptor(_ServedMethodInterceptor):
     """Charges each Score call to its caller's budget; refuses one past it with
     RESOURCE_EXHAUSTED. Nothing else is charged, nor a call nobody is known to make."""
 
     def __init__(self, budget: QueryBudget) -> None:
         self.budget = budget
 
-    def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
+    def intercept(self, handler: Handler, method: str) -> Handler:
         info = current_call()
         caller = ANONYMOUS if info is None else info.caller
-        if handler is None or caller is None or handler_call_details.method != SCORE_METHOD:
+        if caller is None or method != SCORE_METHOD:
             return handler
         wait = self.budget.charge(caller.name)
         if wait is None:

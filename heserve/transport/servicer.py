@@ -88,10 +88,10 @@ def _catalog_info(entry: ServedCatalog) -> CatalogInfo:
     """What ListCatalogs says of a served catalog: its data, and its slot layout's."""
     catalog, plan = entry.catalog, entry.plan
     return CatalogInfo(
-        name=catalog.name,
-        version=catalog.version,
-        dimension=catalog.dimension,
-        item_count=catalog.item_count,
+        catalog.name,
+        catalog.version,
+        catalog.dimension,
+        catalog.item_count,
         padded_dimension=plan.padded_dimension,
         items_per_response=plan.slot_count,
     )
