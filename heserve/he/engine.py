@@ -1,9 +1,18 @@
-"""The encrypted inner loop: W·u over an encrypted query, on SEAL's evaluator.
+"""The encrypted inner loop: W·u over an encrypted query.
 
 The catalog's diagonals are encoded once, at the query's level, when a catalog is
 loaded (`encode_catalog`); a query then costs the baby rotations of the query,
 shared by every chunk, plus per chunk d' plaintext multiplications, one rescale
-per giant step and the giant rotations (see packing.py and ENGINE.md).
+per giant step and the giant rotations (see heserve.he.plan and docs/engine.md).
+
+The multiplications are the bulk of the work for any catalog of more than a few
+chunks. SEAL does them one `multiply_plain` + `add_inplace` per diagonal, each
+reducing every product; the native kernel (`_mac.c`) does all of a chunk's in one
+call over the same NTT-form residues, summing products exactly in 128 bits and
+reducing once per inner sum: the same bits, several times faster. SEAL keeps
+key switching, rescaling and serialization. `Engine(native=False)` runs SEAL's
+loop: the reference the kernel is tested against, and the fallback where the
+kernel cannot see SEAL's memory (see heserve.he.limbs).
 """
 
 from __future__ import annotations
@@ -12,11 +21,22 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import tenseal.sealapi as seal
 
+from heserve.he import limbs
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import FloatArray, imaginary_signs
+
+try:
+    from heserve.he import _mac
+
+    _KERNEL_BUILT = True
+except ImportError:  # a source tree that was never built: SEAL's loop only
+    _KERNEL_BUILT = False
+
+I64Array = npt.NDArray[np.int64]
 
 Progress = Callable[[int, int], None]
 """Called as progress(done, total) while long work runs."""
@@ -28,14 +48,36 @@ class QueryError(ValueError):
 
 @dataclass(frozen=True)
 class EncodedChunk:
-    """The pre-rotated diagonals of up to S rows; None marks an all-zero diagonal."""
+    """The pre-rotated diagonals of up to 2S rows, as SEAL plaintexts; None marks an
+    all-zero diagonal (SEAL refuses a zero plaintext, and it adds nothing)."""
 
     row_count: int
     diagonals: tuple[seal.Plaintext | None, ...]
 
 
-Chunk = EncodedChunk | FloatArray
-"""A chunk of up to S rows: encoded ahead of time, or rows to encode per query."""
+@dataclass(frozen=True)
+class ResidueChunk:
+    """The same diagonals as the native kernel reads them: the NTT-form residues of
+    the diagonals that are not all zero, one (primes, N) block each, in one array;
+    `index[j]` is diagonal j's block, -1 for an all-zero one."""
+
+    row_count: int
+    residues: limbs.U64Array
+    index: I64Array
+
+    @property
+    def diagonals(self) -> tuple[limbs.U64Array | None, ...]:
+        """Diagonal j's residues, or None: the shape of `EncodedChunk.diagonals`."""
+        return tuple(None if row < 0 else self.residues[row] for row in self.index)
+
+
+Chunk = EncodedChunk | ResidueChunk | FloatArray
+"""A chunk of up to 2S rows: encoded ahead of time, or rows to encode per query."""
+
+
+def native_kernel_available() -> bool:
+    """Whether the native kernel was built and can view SEAL's memory here."""
+    return _KERNEL_BUILT and limbs.supported()
 
 
 def encoded_chunk_bytes(params: CkksParameters, plan: DiagonalPlan) -> int:
@@ -46,16 +88,42 @@ def encoded_chunk_bytes(params: CkksParameters, plan: DiagonalPlan) -> int:
 class Engine:
     """Encodes catalogs and scores encrypted queries under one set of parameters."""
 
-    def __init__(self, params: CkksParameters) -> None:
+    def __init__(self, params: CkksParameters, native: bool | None = None) -> None:
+        """`native`: use the native kernel (None: wherever it is available)."""
         self.params = params
         self.context = params.seal_context()
         self._encoder = seal.CKKSEncoder(self.context)
         self._evaluator = seal.Evaluator(self.context)
         self._query_parms_id = self.context.first_parms_id()
         self._minus_i_cache: dict[tuple[int, ...], seal.Plaintext] = {}
+        if native and not native_kernel_available():
+            raise RuntimeError("the native kernel is not built for this Python")
+        self.native = native_kernel_available() if native is None else native
+        query_level = self.context.get_context_data(self._query_parms_id).parms()
+        self._moduli = [modulus.value() for modulus in query_level.coeff_modulus()]
 
-    def encode_rows(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk:
-        """Encode the complex diagonals of up to 2S rows at the query's level."""
+    def encode_rows(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk | ResidueChunk:
+        """Encode the complex diagonals of up to 2S rows at the query's level: as
+        residues for the native kernel, else as SEAL plaintexts."""
+        chunk = self.encode_plaintexts(plan, rows)
+        return self.to_residues(chunk) if self.native else chunk
+
+    def to_residues(self, chunk: EncodedChunk) -> ResidueChunk:
+        """Copy a chunk's plaintexts' residues into one array the kernel reads."""
+        n = self.params.poly_modulus_degree
+        present = [d for d in chunk.diagonals if d is not None]
+        residues: limbs.U64Array = np.empty((len(present), len(self._moduli), n), np.uint64)
+        index: I64Array = np.full(len(chunk.diagonals), -1, dtype=np.int64)
+        row = 0
+        for j, plaintext in enumerate(chunk.diagonals):
+            if plaintext is not None:
+                residues[row] = limbs.plaintext_limbs(plaintext, n)
+                index[j] = row
+                row += 1
+        return ResidueChunk(chunk.row_count, residues, index)
+
+    def encode_plaintexts(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk:
+        """Encode the complex diagonals of up to 2S rows as SEAL plaintexts."""
         diagonals: list[seal.Plaintext | None] = []
         for values in plan.diagonals(rows):
             if not values.any():
@@ -136,23 +204,19 @@ class Engine:
             babies.append(rotated)
         return babies
 
-    def score_chunk(
+    def inner_sums(
         self,
         plan: DiagonalPlan,
-        chunk: EncodedChunk,
+        chunk: EncodedChunk | ResidueChunk,
         babies: Sequence[seal.Ciphertext],
-        keys: seal.GaloisKeys,
-    ) -> seal.Ciphertext:
-        """One output ciphertext: the scores of the chunk's rows in slots 0 .. rows-1.
-
-        Each inner sum is rescaled (when the parameters have a prime to drop) before
-        its giant rotation, as key switching at the lower level is cheaper; the giant
-        steps are folded Horner-style so one key (step b) serves them all.
-        """
+    ) -> list[seal.Ciphertext | None]:
+        """Σ_k D[g·b + k] ⊙ rot(q, k) for each giant step g (None: no diagonal in it)."""
+        if isinstance(chunk, ResidueChunk):
+            return self._native_inner_sums(plan, chunk, [babies])[0]
         evaluator, b = self._evaluator, plan.baby_step
-        result: seal.Ciphertext | None = None
+        sums: list[seal.Ciphertext | None] = []
         term = seal.Ciphertext()  # reused: SEAL keeps its allocation between products
-        for g in reversed(range(plan.giant_count)):
+        for g in range(plan.giant_count):
             inner: seal.Ciphertext | None = None
             for k in range(b):
                 plaintext = chunk.diagonals[g * b + k]
@@ -164,6 +228,64 @@ class Engine:
                 else:
                     evaluator.multiply_plain(babies[k], plaintext, term)
                     evaluator.add_inplace(inner, term)
+            sums.append(inner)
+        return sums
+
+    def _native_inner_sums(
+        self,
+        plan: DiagonalPlan,
+        chunk: ResidueChunk,
+        queries_babies: Sequence[Sequence[seal.Ciphertext]],
+    ) -> list[list[seal.Ciphertext | None]]:
+        """The inner sums of several queries (each its baby rotations) in one pass:
+        each diagonal is read once for all of them. Each output is made by SEAL
+        (the query negated: parameters, level and NTT form as a product's), then the
+        kernel overwrites its residues, and it gets the scale SEAL's multiply_plain
+        would give it."""
+        giants = plan.giant_count
+        present = [bool(row.max() >= 0) for row in chunk.index.reshape(giants, plan.baby_step)]
+        outputs: list[list[seal.Ciphertext | None]] = []
+        views: list[limbs.U64Array] = []
+        baby_views: list[limbs.U64Array] = []
+        for babies in queries_babies:
+            baby_views.extend(limbs.ciphertext_limbs(baby) for baby in babies)
+            scale = babies[0].scale * self.params.catalog_scale
+            row: list[seal.Ciphertext | None] = []
+            for g in range(giants):
+                inner = seal.Ciphertext()
+                self._evaluator.negate(babies[0], inner)
+                inner.scale = scale
+                views.append(limbs.ciphertext_limbs(inner))
+                row.append(inner if present[g] else None)
+            outputs.append(row)
+        _mac.inner_sums(
+            chunk.residues, chunk.index[None, :], baby_views, views, self._moduli, plan.baby_step
+        )
+        return outputs
+
+    def score_chunk(
+        self,
+        plan: DiagonalPlan,
+        chunk: EncodedChunk | ResidueChunk,
+        babies: Sequence[seal.Ciphertext],
+        keys: seal.GaloisKeys,
+    ) -> seal.Ciphertext:
+        """One output ciphertext: the scores of the chunk's rows in slots 0 .. rows-1."""
+        return self.giant_steps(plan, self.inner_sums(plan, chunk, babies), keys)
+
+    def giant_steps(
+        self, plan: DiagonalPlan, sums: Sequence[seal.Ciphertext | None], keys: seal.GaloisKeys
+    ) -> seal.Ciphertext:
+        """Σ_g rot(sums[g], g·b): the chunk's scores from its inner sums.
+
+        Each inner sum is rescaled (when the parameters have a prime to drop) before
+        its giant rotation, as key switching at the lower level is cheaper; the giant
+        steps are folded Horner-style so one key (step b) serves them all.
+        """
+        evaluator, b = self._evaluator, plan.baby_step
+        result: seal.Ciphertext | None = None
+        for g in reversed(range(plan.giant_count)):
+            inner = sums[g]
             if inner is not None and self.params.rescales:
                 evaluator.rescale_to_next_inplace(inner)
             if result is None:
@@ -215,13 +337,34 @@ class Engine:
         query: seal.Ciphertext,
         keys: seal.GaloisKeys,
     ) -> Iterator[seal.Ciphertext]:
-        """Yield one score ciphertext per chunk, in order, as each completes.
+        """Yield one score ciphertext per chunk, in order, as each completes."""
+        for results in self.score_many(plan, chunks, [query], keys):
+            yield results[0]
 
-        A chunk given as rows (past the memory budget, or re-ranking candidates) is
-        encoded on the fly.
+    def score_many(
+        self,
+        plan: DiagonalPlan,
+        chunks: Iterable[Chunk],
+        queries: Sequence[seal.Ciphertext],
+        keys: seal.GaloisKeys,
+    ) -> Iterator[list[seal.Ciphertext]]:
+        """Yield, per chunk in order, one score ciphertext per query.
+
+        The queries share the pass over the catalog: with the native kernel each
+        encoded diagonal is read once for all of them. A chunk given as rows (past
+        the memory budget, or re-ranking candidates) is encoded on the fly.
         """
-        self.check_query(query)
-        babies = self.baby_rotations(plan, query, keys)
+        for query in queries:
+            self.check_query(query)
+        babies = [self.baby_rotations(plan, query, keys) for query in queries]
         for chunk in chunks:
-            encoded = chunk if isinstance(chunk, EncodedChunk) else self.encode_rows(plan, chunk)
-            yield self.score_chunk(plan, encoded, babies, keys)
+            encoded = (
+                chunk
+                if isinstance(chunk, EncodedChunk | ResidueChunk)
+                else self.encode_rows(plan, chunk)
+            )
+            if isinstance(encoded, ResidueChunk):
+                sums = self._native_inner_sums(plan, encoded, babies)
+            else:
+                sums = [self.inner_sums(plan, encoded, rotations) for rotations in babies]
+            yield [self.giant_steps(plan, query_sums, keys) for query_sums in sums]
