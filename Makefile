@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 .PHONY: setup demo test lint stubs bench bench-quick bench-compare bench-pool bench-ray bench-million clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py heserve/he/_mac.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

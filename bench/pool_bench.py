@@ -37,7 +37,7 @@ from bench.methods import (
 )
 from bench.report import _table
 from bench.results import save_run
-from heserve.he.engine import EncodedChunk, Engine
+from heserve.he.engine import EncodedChunk, Engine, ResidueChunk
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PRESET, PRESETS, CkksParameters
@@ -70,7 +70,7 @@ def split_seconds(
         rotated = engine.baby_rotations(plan, query, keys)
         middle = time.perf_counter()
         for chunk in chunks:
-            assert isinstance(chunk, EncodedChunk)
+            assert isinstance(chunk, EncodedChunk | ResidueChunk)
             engine.score_chunk(plan, chunk, rotated, keys)
         babies.append(middle - started)
         scoring.append(time.perf_counter() - middle)

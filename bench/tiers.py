@@ -149,6 +149,8 @@ QUICK = Tier(
     slices={"tenseal-dot": 64},
     method_sizes={
         "engine": (4_096, 16_384, 65_536),
+        "engine-seal": (4_096, 65_536),
+        "engine-8-queries": (65_536,),
         "desilofhe": (4_096, 65_536),
         "engine-pool-1": (65_536,),
         "engine-pool-2": (65_536,),
