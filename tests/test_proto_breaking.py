@@ -92,7 +92,7 @@ def test_buf_breaking_finds_nothing_against_the_last_release() -> None:
 @pytest.mark.parametrize(
     ("change", "old", "new", "breaks"),
     [
-        ("a renumbered field", "bytes query = 3;", "bytes query = 7;", True),
+        ("a renumbered field", "bytes query = 3;", "bytes query = 70;", True),
         ("a renamed field", "string catalog_version = 5;", "string version = 5;", True),
         (
             "a removed method",
@@ -103,7 +103,7 @@ def test_buf_breaking_finds_nothing_against_the_last_release() -> None:
         (
             "a new field",
             "bool complex_scores = 6;",
-            "bool complex_scores = 6;\n  bool x = 7;",
+            "bool complex_scores = 6;\n  bool x = 99;",
             False,
         ),
     ],
