@@ -178,6 +178,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     files = {}
     for name, data in pems.items():
         (folder / name).write_bytes(data)
+        if name.endswith("-key.pem"):
+            (folder / name).chmod(0o600)  # the server refuses a key every user can read
         files[name] = folder / name
     return Pki(
         ca_pem, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key, files
@@ -418,8 +420,8 @@ def test_tokens_file_and_variable(tmp_path: Path) -> None:
 
     assert auth is not None and len(auth) == 3
     assert auth.authenticate({"authorization": f"Bearer {alice}"}) == auth.authenticate(
-        {"authorization": f"bearer  {alice} "}
-    )
+        {"authorization": f"bearer {alice}"}
+    )  # the scheme in any case (RFC 7235); other spacing: tests/test_security_tokens.py
     found = auth.authenticate({"authorization": f"Bearer {alice}"})
     assert found is not None and found.name == "alice"
     found = auth.authenticate({"authorization": f"Bearer {bob}"})

@@ -370,6 +370,55 @@ def test_the_access_log_has_one_line_per_call_with_sizes_codes_and_the_caller(
     assert ALICE not in caplog.text and "q" * 50 not in caplog.text
 
 
+# --- metadata size ----------------------------------------------------------------------------
+
+
+def test_a_call_with_too_much_metadata_is_refused_unread_uncharged_and_logged(
+    alice_and_bob: Authenticator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="heserve.access")
+    budget = QueryBudget(1)
+    chain = (
+        policy.RequestIdInterceptor(),
+        policy.AccessLogInterceptor(),
+        policy.MetadataLimitInterceptor(max_bytes=2048),
+        policy.AuthenticationInterceptor(alice_and_bob),
+        policy.QueryBudgetInterceptor(budget),
+    )
+    padding = (("x-padding", "p" * 3000),)  # within gRPC's own limits, past this one
+    with serving(*chain) as (stand_in, stub, channel):
+        oversized = _bearer(ALICE, "big-1") + padding
+        info = pb.GetServerInfoRequest()
+        refused = [
+            _refused(lambda: list(stub.Score(SCORE_BOOKS, timeout=TIMEOUT, metadata=oversized))),
+            _refused(lambda: stub.GetServerInfo(info, timeout=TIMEOUT, metadata=oversized)),
+            _refused(
+                lambda: health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=TIMEOUT, metadata=padding
+                )
+            ),
+        ]
+        assert stand_in.parsed == [] and stand_in.seen == []  # nothing read, nothing ran
+        # alice's one Score of the budget was not spent by the refused call
+        assert len(list(stub.Score(SCORE_BOOKS, timeout=TIMEOUT, metadata=_bearer(ALICE)))) == 3
+
+    assert [error.code() for error in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert "metadata larger than 2048 bytes" in (refused[0].details() or "")
+    assert ("x-request-id", "big-1") in refused[0].initial_metadata()
+    lines = {fields["request_id"]: fields for _, fields in _access_lines(caplog)}
+    assert lines["big-1"]["code"] == "RESOURCE_EXHAUSTED"
+    assert lines["big-1"]["caller"] == "anonymous"  # nobody is known from refused metadata
+    assert "p" * 100 not in caplog.text and ALICE not in caplog.text
+
+
+def test_metadata_is_counted_as_http2_counts_a_header_list() -> None:
+    class Details(grpc.HandlerCallDetails):
+        method = "/m"
+        invocation_metadata = (("a", "bc"), ("authorization", "x" * 10))
+
+    assert policy.metadata_bytes(Details()) == (1 + 2 + 32) + (13 + 10 + 32)
+
+
 # --- composed -------------------------------------------------------------------------------
 
 
@@ -382,6 +431,7 @@ def test_the_server_composes_them_request_id_first_and_refusals_last(
         policy.RequestIdInterceptor,
         policy.AccessLogInterceptor,
         policy.MetricsInterceptor,
+        policy.MetadataLimitInterceptor,
         policy.AuthenticationInterceptor,
         policy.QueryBudgetInterceptor,
     ]
@@ -389,6 +439,7 @@ def test_the_server_composes_them_request_id_first_and_refusals_last(
         policy.RequestIdInterceptor,
         policy.AccessLogInterceptor,
         policy.MetricsInterceptor,
+        policy.MetadataLimitInterceptor,
     ]
 
 

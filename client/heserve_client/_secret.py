@@ -2,16 +2,19 @@
 
 It makes the key pair under the server's parameters, the public Galois keys to
 upload, encrypts queries and decrypts scores. It can be saved to a file the user
-names (owner-only permissions), so one key pair serves across runs.
+names, so one key pair serves across runs. The file is made new, owner-only, and never
+through a symbolic link (one planted at the path, dangling or not, would otherwise
+send the secret key wherever it points); a file that other users can read is refused
+on loading, as ssh refuses such a private key.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +25,13 @@ from heserve.protocol.params import CkksParameters
 
 _FILE_MAGIC = b"HESERVE-SECRET-CONTEXT-1\n"
 _MAX_SECRET_FILE_BYTES = 64 << 20
+# A new file only (O_EXCL: nothing at the path, not even a dangling symlink), not
+# through a symlink in the last component (O_NOFOLLOW), and owner-only from the start.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+class ExposedSecretKeyError(PermissionError):
+    """A secret key file that users other than its owner can read or write."""
 
 
 class SecretContext:
@@ -67,7 +77,8 @@ class SecretContext:
         return np.asarray(self._encoder.decode_complex(plaintext), dtype=np.complex128)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write parameters and secret key to `path`, readable by the owner only."""
+        """Write parameters and secret key to a new file at `path`, readable by the owner
+        only; FileExistsError if anything (a file, a symlink) is already there."""
         header = json.dumps(
             {
                 "poly_modulus_degree": self.params.poly_modulus_degree,
@@ -77,17 +88,30 @@ class SecretContext:
             }
         ).encode()
         key = wire.to_bytes(self._secret_key)
-        target = Path(path)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(path, _CREATE_FLAGS, 0o600)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{os.fspath(path)} already exists (a file or a link): the secret key is "
+                "written to a new file only; remove it or choose another path"
+            ) from None
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)  # whatever the umask made of the mode
             out.write(_FILE_MAGIC + struct.pack("<I", len(header)) + header + key)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SecretContext:
-        """Read a context written by `save`."""
-        data = Path(path).read_bytes()
+        """Read a context written by `save`; refuse a file other users can read or write."""
+        with open(path, "rb") as file:
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)  # of the file opened
+            data = file.read(_MAX_SECRET_FILE_BYTES + 1)
         if len(data) > _MAX_SECRET_FILE_BYTES or not data.startswith(_FILE_MAGIC):
             raise ValueError(f"{path} is not a heserve secret context file")
+        if mode & 0o077:
+            raise ExposedSecretKeyError(
+                f"{os.fspath(path)} holds a secret key but other users may read or write it "
+                f"(mode {mode:04o}); run: chmod 600 {os.fspath(path)}"
+            )
         offset = len(_FILE_MAGIC)
         (header_len,) = struct.unpack_from("<I", data, offset)
         offset += 4

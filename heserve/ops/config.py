@@ -8,6 +8,14 @@ beats the config file (`--config heserve.toml` or HESERVE_CONFIG, `serve` only),
 beats the default. `tokens` has no flag, so that no API token shows in a process
 listing. Relative paths in the config file are relative to it.
 
+Every setting is checked when it is resolved, before anything starts, and a bad one is
+one line naming where it came from: numbers must be finite, in range, and not a nonzero
+written value that parses to zero or to a denormal (`1e-400` would silently turn a
+protection off); bounds follow the fields that carry a setting on the wire (key-ttl is
+a uint32); a config file may not set one key twice (`query-budget` and `query_budget`);
+addresses may not be empty. An error shows the offending value, truncated, unless the
+setting holds secrets (`tokens`): then only its type.
+
 Each command takes some of the settings (an `OptionSet`): `serve` all of them, `demo`
 the engine's and the logs', `recommend` the logs'. What a command does not take stays
 at its default, whatever the environment says.
@@ -16,7 +24,10 @@ at its default, whatever the environment says.
 from __future__ import annotations
 
 import argparse
+import decimal
+import math
 import os
+import sys
 import textwrap
 import tomllib
 import typing
@@ -31,6 +42,9 @@ from heserve.protocol.params import DEFAULT_PRESET, PRESETS
 ENV_PREFIX = "HESERVE_"
 CONFIG_ENV = "HESERVE_CONFIG"
 MIN_MESSAGE_BYTES = 2 << 20  # a 1 MiB key chunk, or the largest query, with room to spare
+UINT32_MAX = (1 << 32) - 1  # settings reported in uint32 fields of the protocol
+INT32_MAX = (1 << 31) - 1  # gRPC's channel arguments are C ints
+_SHOWN_VALUE_CHARS = 40  # an offending value is shown up to this many characters
 Kind = Literal["int", "float", "str", "path", "pairs", "entries"]
 
 Pairs = tuple[tuple[str, Path], ...]
@@ -69,6 +83,7 @@ class Option:
     at_most: float | None = None
     positive: bool = False
     out_of_range: str | None = None  # the message when above `at_most`
+    secret: bool = False  # its value is never shown in an error
 
     @property
     def dest(self) -> str:
@@ -82,6 +97,8 @@ class Option:
         """Refuse a value outside the option's range, naming where it came from."""
         if value is None:
             return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{origin}: must be a finite number, not {value}")
         if self.at_least is not None and value < self.at_least:
             raise ConfigError(f"{origin}: must be at least {self.at_least}, not {value}")
         if self.positive and value <= 0:
@@ -101,6 +118,7 @@ def option(
     at_most: float | None = None,
     positive: bool = False,
     out_of_range: str | None = None,
+    secret: bool = False,
 ) -> dict[str, Option]:
     """A `Settings` field's metadata: its Option but for the name, kind and default, which
     come from the field's name, type and default."""
@@ -116,6 +134,7 @@ def option(
         at_most=at_most,
         positive=positive,
         out_of_range=out_of_range,
+        secret=secret,
     )
     return {_OPTION: details}
 
@@ -190,24 +209,37 @@ class Settings:
         metadata=option(
             "noise flooding: fresh noise 2^BITS times the preset's CKKS noise on every score, "
             "so decrypted noise says nothing of the catalog; costs BITS bits of precision "
-            "(0: off; see the README's threat model)",
+            "(0: off). Calibrated to a query of norm <= 1: a client that scales its query "
+            "by 10^k makes this noise 10^k times smaller relative to its scores, so against "
+            "a malicious client it does little and the query budget is the defence (see "
+            "docs/threat-model.md)",
             metavar="BITS",
             at_least=0,
+            at_most=40,
         ),
     )
     score_noise_std: float = field(
         default=0.0,
         metadata=option(
             "Gaussian noise of this standard deviation on every score (differential privacy "
-            "for the catalog; 0: off)",
+            "for the catalog, only for queries of norm <= 1, which the server cannot check "
+            "on an encrypted vector: a client that scales its query by 10^k makes the noise "
+            "10^k times smaller relative to its scores; against it only the query budget "
+            "holds; see docs/threat-model.md; 0: off)",
             metavar="STD",
             at_least=0,
         ),
     )
-    key_ttl: int = field(default=3600, metadata=option("seconds an unused key lives", at_least=1))
-    max_keys: int = field(default=256, metadata=option("most key sets held", at_least=1))
+    key_ttl: int = field(
+        default=3600,
+        metadata=option("seconds an unused key lives", at_least=1, at_most=UINT32_MAX),
+    )
+    max_keys: int = field(
+        default=256, metadata=option("most key sets held", at_least=1, at_most=UINT32_MAX)
+    )
     max_key_store_bytes: int = field(
-        default=1 << 30, metadata=option("most bytes of keys held", at_least=1)
+        default=1 << 30,
+        metadata=option("most bytes of keys held", at_least=1, at_most=(1 << 64) - 1),
     )
     threads: int = field(default=8, metadata=option("gRPC worker threads", at_least=1))
     max_concurrent_rpcs: int = field(
@@ -224,6 +256,7 @@ class Settings:
             f"largest gRPC message received or sent, at least {MIN_MESSAGE_BYTES}; "
             "GetServerInfo reports it and clients size their channels from it",
             at_least=MIN_MESSAGE_BYTES,
+            at_most=INT32_MAX,
         ),
     )
     tls_cert: Path | None = field(
@@ -251,7 +284,9 @@ class Settings:
     tokens: Entries | None = field(
         default=None,
         metadata=option(
-            "API tokens as in --tokens-file, comma-separated; added to the file's", flag=False
+            "API tokens as in --tokens-file, comma-separated; added to the file's",
+            flag=False,
+            secret=True,
         ),
     )
     query_budget: int = field(
@@ -304,6 +339,13 @@ class Settings:
             raise ConfigError("tls-cert and tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
+        for name in ("host", "metrics_host", "ray_address"):
+            address = getattr(self, name)
+            if address is not None and (not address or any(c.isspace() for c in address)):
+                raise ConfigError(
+                    f"{self._origin(_BY_KEY[name])}: an address, not empty and without blanks "
+                    "(127.0.0.1: this machine only; 0.0.0.0: every interface)"
+                )
 
     def _origin(self, option: Option) -> str:
         source = self.sources.get(option.dest, "default")
@@ -361,6 +403,43 @@ def _path(text: str, base: Path | None) -> Path:
     return path if base is None or path.is_absolute() else base / path
 
 
+class _TomlFloat(float):
+    """A float from a TOML file that remembers how it was written (tomllib's parse_float),
+    so that `1e-400`, which parses to 0.0, can be told from `0.0`."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _TomlFloat:
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
+def _float(value: int | float | str, origin: str) -> float:
+    """A finite float that is zero only if written as zero, and never a denormal."""
+    text = getattr(value, "text", None) or (value if isinstance(value, str) else None)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{origin}: must be a finite number, not {number}")
+    if text is not None and abs(number) < sys.float_info.min:
+        try:
+            written = decimal.Decimal(text.replace("_", "").strip())
+        except decimal.InvalidOperation:
+            written = decimal.Decimal(number)
+        if written != 0:
+            raise ConfigError(
+                f"{origin}: {_shown(text)} is too small for a float (it would be "
+                f"{number:g}); write 0 for off, or at least {sys.float_info.min:g}"
+            )
+    return number
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE_CHARS else text[: _SHOWN_VALUE_CHARS - 3] + "..."
+
+
 def _convert(option: Option, value: object, origin: str, base: Path | None = None) -> Any:
     """A flag's or variable's string, or a TOML value, as the option's type."""
     kind = option.kind
@@ -390,10 +469,12 @@ def _convert(option: Option, value: object, origin: str, base: Path | None = Non
         if kind == "float":
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise TypeError
-            return float(value)
+            return _float(value, origin)
         if not isinstance(value, str):
             raise TypeError
         if kind == "path":
+            if not value.strip():
+                raise ConfigError(f"{origin}: expected a path, got an empty string")
             return _path(value, base)
         if option.choices:
             chosen = {choice.casefold(): choice for choice in option.choices}.get(value.casefold())
@@ -404,16 +485,22 @@ def _convert(option: Option, value: object, origin: str, base: Path | None = Non
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        expected = {"pairs": "NAME=PATH entries", "int": "an integer", "float": "a number"}
-        raise ConfigError(
-            f"{origin}: expected {expected.get(kind, 'a string')}, got {value!r}"
-        ) from None
+        expected = {
+            "pairs": "NAME=PATH entries",
+            "int": "an integer",
+            "float": "a number",
+            "entries": "a string or a list of strings",
+        }
+        # A secret setting's value is never shown: it may be (or hold) a token.
+        got = f"a {type(value).__name__}" if option.secret else _shown(value)
+        wanted = expected.get(kind, "a string")
+        raise ConfigError(f"{origin}: expected {wanted}, got {got}") from None
 
 
 def _file_settings(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
-            document = tomllib.load(file)
+            document = tomllib.load(file, parse_float=_TomlFloat)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -424,7 +511,12 @@ def _file_settings(path: Path) -> dict[str, Any]:
         option = _BY_KEY.get(key)
         if option is None:
             known = ", ".join(option.name for option in OPTIONS)
-            raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {known})")
+            raise ConfigError(f"config file {path}: unknown setting {_shown(key)} (known: {known})")
+        if option.dest in settings:
+            raise ConfigError(
+                f"config file {path}: {option.name} is set twice ({option.name} and "
+                f"{option.dest} are one setting); keep one"
+            )
         settings[option.dest] = _convert(option, value, f"{path}: {key}", base)
     return settings
 

@@ -2,9 +2,10 @@
 
 Tokens come from a file (one entry per line, `NAME:TOKEN` or a bare `TOKEN`; blank
 lines and `#` comments are skipped) and/or the HESERVE_TOKENS setting (the same
-entries separated by commas or newlines). Several tokens may share a name (to rotate
+entries separated by commas or newlines; comments are dropped before the commas
+split, and no token holds a comma). Several tokens may share a name (to rotate
 one): they are one caller, with one budget and the same keys. A caller presents a
-token in call metadata as `authorization: Bearer TOKEN`. Tokens are looked up by their
+token in call metadata as exactly `authorization: Bearer TOKEN`. Tokens are looked up by their
 SHA-256 digest and never logged; logs and metrics name the caller only.
 
 Key ownership needs no table: every key_id a caller registers ends in that caller's
@@ -20,15 +21,20 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from heserve.domain.errors import ServiceError
 
 MIN_TOKEN_CHARS = 16
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces (a metadata value)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_BARE_NAME = re.compile(r"token-[LS][0-9]+")  # the names bare tokens get from their place
+_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # printable ASCII but space and ','
+_COMMENT = re.compile(r"(^|[ \t])#.*")  # from a '#' that starts a line or follows a blank
+# Exactly `Bearer TOKEN`: the scheme in any case (RFC 7235), one space, a token's
+# characters to the end; no other blank, and no line break of any kind before or after.
+_BEARER = re.compile(r"(?i:bearer) ([\x21-\x2b\x2d-\x7e]+)", re.ASCII)
 
 
 class TokenError(ValueError):
@@ -63,28 +69,55 @@ def owner_tag(name: str) -> str:
     return "." + hashlib.sha256(b"heserve-key-owner\0" + name.encode()).hexdigest()[:10]
 
 
-def parse_tokens(text: str, source: str) -> list[tuple[str, str]]:
-    """(name, token) pairs from `NAME:TOKEN` or `TOKEN` entries, by line or comma.
+def _entries(text: str, commas: bool) -> Iterator[tuple[int, str]]:
+    """(position, entry) of each entry in `text`, comments dropped first.
 
-    A bare token is named after a short hash of itself, so logs can tell callers
-    apart without showing any part of the token.
+    A comment is a line whose first non-blank character is `#`, or the rest of a line
+    from a `#` that follows a blank (a token holds no blanks, so this `#` cannot be part
+    of one). Only then are lines split on commas (when `commas`): a revoked entry in a
+    comment stays revoked, however it is punctuated. The position is the line number
+    without commas, else the entry's number.
+    """
+    number = 0
+    for line_number, line in enumerate(text.splitlines(), 1):
+        content = _COMMENT.sub("", line)
+        for piece in content.split(",") if commas else [content]:
+            entry = piece.strip()
+            if entry:
+                number += 1
+                yield (number if commas else line_number), entry
+
+
+def parse_tokens(text: str, source: str, *, commas: bool = False) -> list[tuple[str, str]]:
+    """(name, token) pairs from `NAME:TOKEN` or `TOKEN` entries.
+
+    A file holds one entry per line (`commas` False); the HESERVE_TOKENS setting also
+    separates entries with commas (`commas` True). A token never holds a comma, so
+    neither reading is ambiguous: a comma in a file's token is refused, not split into
+    two credentials. A bare token is named after its place (`token-L3`: line 3 of the
+    file; `token-S2`: entry 2 of the setting), which says nothing about the token;
+    those names are reserved. Errors name the source and position, never the entry.
     """
     entries: list[tuple[str, str]] = []
-    for number, raw in enumerate(re.split(r"[\n,]", text), 1):
-        entry = raw.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for position, entry in _entries(text, commas):
+        where = f"{source}, {'entry' if commas else 'line'} {position}"
         name, sep, token = entry.partition(":")
         if not sep:
-            name, token = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+            name, token = f"token-{'S' if commas else 'L'}{position}", entry
+        elif _BARE_NAME.fullmatch(name.strip()):
+            raise TokenError(f"{where}: names like token-L1 are kept for bare tokens; rename it")
         name, token = name.strip(), token.strip()
-        where = f"{source}, entry {number}"
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise TokenError(f"{where}: a name is 1-64 of letters, digits and . _ @ -")
-        if len(token) < MIN_TOKEN_CHARS or not _TOKEN.match(token):
+        if "," in token:
             raise TokenError(
-                f"{where} ({name}): a token is at least {MIN_TOKEN_CHARS} printable characters "
-                "without spaces (make one with: python -c 'import secrets; "
+                f"{where}: a token may not contain ',' (one entry per line; make one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if len(token) < MIN_TOKEN_CHARS or not _TOKEN.fullmatch(token):
+            raise TokenError(
+                f"{where}: a token is at least {MIN_TOKEN_CHARS} printable ASCII characters "
+                "without spaces or commas (make one with: python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))')"
             )
         entries.append((name, token))
@@ -123,7 +156,7 @@ class Authenticator:
                 raise TokenError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
             entries += parse_tokens(text, str(tokens_file))
         if tokens:
-            entries += parse_tokens(tokens, "HESERVE_TOKENS")
+            entries += parse_tokens(tokens, "HESERVE_TOKENS", commas=True)
         if tokens_file is None and not tokens:
             return None
         return cls(entries)
@@ -133,10 +166,8 @@ class Authenticator:
 
     def authenticate(self, metadata: Mapping[str, str]) -> Caller | None:
         """The caller whose token is in `authorization: Bearer ...`, or None."""
-        scheme, _, token = metadata.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return self._callers.get(_digest(token.strip()))
+        match = _BEARER.fullmatch(metadata.get("authorization", ""))
+        return None if match is None else self._callers.get(_digest(match[1]))
 
 
 def check_owner(caller: Caller, key_id: str) -> None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, replace
 from heserve.transport.auth import ANONYMOUS, Caller, UnauthenticatedError
 
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Matched whole (fullmatch): `$` would let a trailing newline through, which gRPC then
+# refuses to echo, failing a call the access log reports as OK.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -74,4 +76,4 @@ def current_caller() -> Caller:
 def request_id_of(metadata: dict[str, str]) -> str:
     """The client's x-request-id if it is a sane token, else a fresh one."""
     supplied = metadata.get(REQUEST_ID_KEY, "")
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    return supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex

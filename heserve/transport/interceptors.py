@@ -6,6 +6,7 @@
 - `AccessLogInterceptor`: one line per call with its status, duration, deadline,
   caller and message sizes (never the messages).
 - `MetricsInterceptor`: counts, latency, bytes and status codes (heserve.transport.metrics).
+- `MetadataLimitInterceptor`: more than `MAX_METADATA_BYTES` of metadata, RESOURCE_EXHAUSTED.
 - `AuthenticationInterceptor`: who is calling; no known token, UNAUTHENTICATED.
 - `QueryBudgetInterceptor`: a caller past their Score budget, RESOURCE_EXHAUSTED.
 
@@ -45,6 +46,12 @@ log = logging.getLogger("heserve.access")
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 SCORE_METHOD = "/heserve.v1.ScoringService/Score"
+MAX_METADATA_BYTES = 16 << 10
+"""The most request metadata a call may carry, counted as HTTP/2 does (name, value and
+32 bytes per entry). The server also sets it as gRPC's own limit, but gRPC applies that
+only once the client has acknowledged the server's HTTP/2 settings: a client that sends
+its headers first gets up to 16 MiB past it, hence this check."""
+_METADATA_ENTRY_OVERHEAD = 32  # RFC 7541 section 4.1
 _NO_DEADLINE_SECONDS = 1e8  # gRPC reports "no deadline" as a remaining time of centuries
 
 if TYPE_CHECKING:  # generic in grpc-stubs only
@@ -372,6 +379,45 @@ class _Counted(CallObserver):
         code = status_name(context, error)
         if code != "OK":
             metrics.errors.labels(*labels, code).inc()
+
+
+def metadata_bytes(details: grpc.HandlerCallDetails) -> int:
+    """The size of a call's metadata as HTTP/2 counts a header list (RFC 7541 4.1)."""
+    total = 0
+    for key, value in details.invocation_metadata or ():
+        total += len(key) + len(value) + _METADATA_ENTRY_OVERHEAD
+    return total
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """A call's method with other metadata than it came with."""
+
+    def __init__(self, method: str, invocation_metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = method
+        self.invocation_metadata = invocation_metadata
+
+
+class MetadataLimitInterceptor(ServerInterceptor):
+    """Refuses a call with more than `max_bytes` of metadata with RESOURCE_EXHAUSTED
+    (health checks included). The interceptors within see such a call without its
+    metadata and with nobody known to make it: they neither read the metadata nor
+    charge anyone's budget."""
+
+    def __init__(self, max_bytes: int = MAX_METADATA_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        if metadata_bytes(handler_call_details) <= self.max_bytes:
+            return continuation(handler_call_details)
+        bind_caller(None)
+        handler = continuation(_CallDetails(handler_call_details.method, ()))
+        if handler is None:  # not a method served here: UNIMPLEMENTED, as for any call
+            return None
+        return refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"call metadata larger than {self.max_bytes} bytes"
+        )
 
 
 class AuthenticationInterceptor(_ServedMethodInterceptor):

@@ -1,6 +1,7 @@
 """Run the ScoringService: a gRPC server with health checking, reflection, TLS,
 per-call policy (request ids, access log, metrics, tokens, budgets; see `interceptors`),
-bounded concurrency and message sizes, and a graceful shutdown on SIGTERM/SIGINT.
+bounded concurrency, message and metadata sizes, grpcio's own log records kept free
+of request data, and a graceful shutdown on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from heserve.domain.scorer import Scorer
 from heserve.protocol.pem import read_pem
 from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.interceptors import (
+    MAX_METADATA_BYTES,
     AccessLogInterceptor,
     AuthenticationInterceptor,
+    MetadataLimitInterceptor,
     MetricsInterceptor,
     QueryBudgetInterceptor,
     RequestIdInterceptor,
@@ -33,6 +36,44 @@ from heserve.transport.servicer import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+
+class GrpcLogRedactor(logging.Filter):
+    """Keeps request data out of grpcio's own log records.
+
+    grpcio logs some failures with the offending value as an argument: a metadata
+    value that is not UTF-8 is logged at ERROR, with a traceback, as the raw bytes of
+    the whole header (a caller's `authorization` header, token and all). This filter,
+    on every `grpc.*` logger, keeps a record's level, logger and message template but
+    drops its arguments, and replaces its traceback by the exception's type. grpcio's
+    templates are constants, so what is left names the kind of failure and no data.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg = f"{record.msg} (details withheld: they may hold request data)"
+            record.args = None
+        if record.exc_info:
+            kind = record.exc_info[0]
+            record.msg = f"{record.msg} [{getattr(kind, '__name__', 'exception')}]"
+            record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def redact_grpc_logs() -> None:
+    """Install `GrpcLogRedactor` on grpcio's loggers (idempotent).
+
+    A logger's filters see only the records logged on that very logger, so the filter
+    goes on each one grpcio made (they are made when its modules are imported, which
+    `import grpc` has done), and on "grpc" itself.
+    """
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] == "grpc"]
+    for name in {"grpc", "grpc._cython.cygrpc", "grpc._common", "grpc._server", *names}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, GrpcLogRedactor) for f in logger.filters):
+            logger.addFilter(GrpcLogRedactor())
 
 
 @dataclass(frozen=True)
@@ -46,8 +87,11 @@ class TlsConfig:
 
     @classmethod
     def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> TlsConfig:
+        """Read the PEM files; a private key every local user can read is refused."""
         return cls(
-            read_pem(cert), read_pem(key), None if client_ca is None else read_pem(client_ca)
+            read_pem(cert),
+            read_pem(key, private=True),
+            None if client_ca is None else read_pem(client_ca),
         )
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -69,14 +113,16 @@ def interceptors(
        included, carries its id, and the client gets the id back even when refused.
     2. Access log and 3. metrics: outside the refusals, so a refused call is still
        logged and counted with its status.
-    4. Authentication, then 5. the query budget: the budget charges the caller the
+    4. Metadata size: an oversized call is refused before anything reads its metadata.
+    5. Authentication, then 6. the query budget: the budget charges the caller the
        authentication found, and a call without a known token charges nobody.
-    Both refuse in the dispatch thread, before the request is read.
+    All refuse in the dispatch thread, before the request is read.
     """
     chain: list[ServerInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(),
         MetricsInterceptor(metrics),
+        MetadataLimitInterceptor(),
     ]
     if authenticator is not None:
         chain.append(AuthenticationInterceptor(authenticator))
@@ -122,6 +168,7 @@ def start_server(
     Prometheus metrics on metrics_host (0: a free port; None: not served).
     """
     size = scorer.limits.max_message_bytes
+    redact_grpc_logs()
     metrics = Metrics(scorer, max_concurrent_rpcs)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve"),
@@ -129,6 +176,11 @@ def start_server(
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
+            # Both the soft limit (past it grpcio refuses at random) and the hard one;
+            # gRPC applies them once the client has acknowledged the server's HTTP/2
+            # settings, MetadataLimitInterceptor before that too.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
