@@ -59,7 +59,8 @@ def test_a_query_with_its_keys_scores_the_shards_chunks_in_order(
     expected = CATALOG @ vector
     per_chunk = PLAN.items_per_chunk
 
-    blobs = list(shard.answer(ShardQuery("items", "k1", _query(secret, vector), _keys(secret))))
+    request = ShardQuery("items", "k1", (_query(secret, vector),), _keys(secret))
+    blobs = [per_query[0] for per_query in shard.answer(request)]
 
     assert len(blobs) == 2  # chunks 0 and 2: one encoded at load, one on the fly
     scores = _decrypted(secret, blobs, [per_chunk, ITEMS - 2 * per_chunk])
@@ -69,16 +70,16 @@ def test_a_query_with_its_keys_scores_the_shards_chunks_in_order(
 
 def test_keys_stay_until_forgotten(shard: Shard, secret: SecretContext) -> None:
     vector = unit_rows(1, DIMENSION, 33)[0]
-    list(shard.answer(ShardQuery("items", "k2", _query(secret, vector), _keys(secret))))
+    list(shard.answer(ShardQuery("items", "k2", (_query(secret, vector),), _keys(secret))))
     assert shard.holds_keys("k2") and "k2" in shard.held_keys()
 
-    again = list(shard.answer(ShardQuery("items", "k2", _query(secret, vector))))  # no keys sent
+    again = list(shard.answer(ShardQuery("items", "k2", (_query(secret, vector),))))  # no keys sent
     assert len(again) == 2
 
     shard.forget_keys("k2")
     assert not shard.holds_keys("k2") and "k2" not in shard.held_keys()
     with pytest.raises(KeyError):
-        shard.answer(ShardQuery("items", "k2", _query(secret, vector)))
+        shard.answer(ShardQuery("items", "k2", (_query(secret, vector),)))
 
 
 def test_given_rows_are_scored_under_the_catalogs_layout(
@@ -86,9 +87,9 @@ def test_given_rows_are_scored_under_the_catalogs_layout(
 ) -> None:
     vector = unit_rows(1, DIMENSION, 34)[0]
     candidates = CATALOG[[7, 3, ITEMS - 1, 1000]]
-    query = ShardQuery("items", "k3", _query(secret, vector), _keys(secret), rows=(candidates,))
+    query = ShardQuery("items", "k3", (_query(secret, vector),), _keys(secret), rows=(candidates,))
 
-    blobs = list(shard.answer(query))
+    blobs = [per_query[0] for per_query in shard.answer(query)]
 
     assert len(blobs) == 1
     scores = _decrypted(secret, blobs, [len(candidates)])

@@ -194,7 +194,7 @@ def test_a_client_hanging_up_mid_stream_stops_the_scoring(
     closed = threading.Event()
     score = scorer.backend.score
 
-    def slow(*args: Any) -> Iterator[bytes]:
+    def slow(*args: Any) -> Iterator[list[bytes]]:
         try:
             for blob in score(*args):
                 time.sleep(0.25)  # room for the hang-up to arrive between ciphertexts
@@ -295,7 +295,7 @@ def test_workers_stop_computing_a_query_the_client_hung_up_on(
     at_close: list[float] = []
     score = backend.score
 
-    def watched(*args: Any) -> Iterator[bytes]:
+    def watched(*args: Any) -> Iterator[list[bytes]]:
         try:
             yield from score(*args)
         finally:  # the front let go of the query: what the workers spend from here is waste

@@ -231,7 +231,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch, backend: Backend, produced: list[
     """Count the score ciphertexts the backend computes."""
     score = backend.score
 
-    def counted(*args: Any) -> Iterator[bytes]:
+    def counted(*args: Any) -> Iterator[list[bytes]]:
         for blob in score(*args):
             produced.append(1)
             yield blob
@@ -292,7 +292,7 @@ def test_a_real_deadline_ends_a_slow_score_on_the_server(
     _counting(monkeypatch, scorer.backend, produced)
     score = scorer.backend.score
 
-    def slow(*args: Any) -> Iterator[bytes]:
+    def slow(*args: Any) -> Iterator[list[bytes]]:
         for blob in score(*args):
             time.sleep(0.6)  # each ciphertext takes 0.6 s more than it does
             yield blob

@@ -295,66 +295,102 @@ class Client:
         item_ids: Sequence[str] | None = None,
     ) -> npt.NDArray[np.float64]:
         """Encrypted scores W·u, decrypted here: in catalog order, or in item_ids order."""
+        return self.score_many([vector], catalog=catalog, item_ids=item_ids)[0]
+
+    def score_many(
+        self,
+        vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
+        *,
+        catalog: str,
+        item_ids: Sequence[str] | None = None,
+    ) -> list[npt.NDArray[np.float64]]:
+        """`score` for several vectors (a user's interests, contexts, a batch of sessions).
+
+        They travel in as few Score calls as the server allows
+        (ServerInfo.limits.max_queries_per_request), and each call scores all of its
+        vectors in one pass over the catalog: much cheaper than one call each.
+        """
         info = self.catalog(catalog)
-        u = np.asarray(vector, dtype=np.float64)
-        if u.shape != (info.dimension,):
-            raise ValueError(
-                f"catalog {catalog!r} has dimension {info.dimension}; "
-                f"got a vector of shape {u.shape}"
-            )
-        if not np.isfinite(u).all():
-            raise ValueError("the vector contains NaN or infinity")
+        encrypted: list[bytes] = []
         started = time.perf_counter()
-        query = self._session.secret.encrypt(query_slots(u, info.dimension, self.params.slot_count))
+        for vector in vectors:
+            u = np.asarray(vector, dtype=np.float64)
+            if u.shape != (info.dimension,):
+                raise ValueError(
+                    f"catalog {catalog!r} has dimension {info.dimension}; "
+                    f"got a vector of shape {u.shape}"
+                )
+            if not np.isfinite(u).all():
+                raise ValueError("the vector contains NaN or infinity")
+            slots = query_slots(u, info.dimension, self.params.slot_count)
+            encrypted.append(self._session.secret.encrypt(slots))
+        if not encrypted:
+            return []
         self.stats.last_encrypt_seconds = time.perf_counter() - started
-        request = pb.ScoreRequest(
-            catalog=catalog,
-            query=query,
-            item_ids=list(item_ids or []),
-            catalog_version=info.version,
-            complex_scores=True,  # two scores per slot: half the responses and bytes
-        )
         expected = len(item_ids) if item_ids else info.item_count
+        per_call = max(1, self.server_info.limits.max_queries_per_request)
+        results: list[npt.NDArray[np.float64]] = []
+        for start in range(0, len(encrypted), per_call):
+            batch = encrypted[start : start + per_call]
+            request = pb.ScoreRequest(
+                catalog=catalog,
+                query=batch[0],
+                more_queries=batch[1:],
+                item_ids=list(item_ids or []),
+                catalog_version=info.version,
+                complex_scores=True,  # two scores per slot: half the responses and bytes
+            )
+            results.extend(self._score_registered(request, expected, len(batch)))
+        return results
+
+    def _score_registered(
+        self, request: pb.ScoreRequest, expected: int, queries: int
+    ) -> list[npt.NDArray[np.float64]]:
+        """One Score call, registering the keys first (or again, if the server forgot them)."""
         if not self._session.key_id:
             self.register_keys()
         try:
-            return self._score_once(request, expected)
+            return self._score_once(request, expected, queries)
         except HeserveError as error:
             if error.reason != KEY_NOT_FOUND:
                 raise
             self.register_keys()  # the server forgot our keys (expiry, restart): once more
-            return self._score_once(request, expected)
+            return self._score_once(request, expected, queries)
 
-    def _score_once(self, request: pb.ScoreRequest, expected: int) -> npt.NDArray[np.float64]:
+    def _score_once(
+        self, request: pb.ScoreRequest, expected: int, queries: int
+    ) -> list[npt.NDArray[np.float64]]:
         request.key_id = self._session.key_id
-        scores = np.empty(expected)
-        received = covered = 0
+        scores = [np.empty(expected) for _ in range(queries)]
+        covered = [0] * queries
+        received = 0
         decrypting = 0.0
         max_bytes = self.server_info.limits.max_message_bytes
 
         def consume() -> None:
-            nonlocal received, covered, decrypting
+            nonlocal received, decrypting
             replies = self._stub.Score(request, timeout=self.timeout, metadata=self._metadata())
             for reply in replies:
-                if reply.offset + reply.count > expected:
+                if reply.offset + reply.count > expected or reply.query_index >= queries:
                     raise HeserveError("the server returned scores past the end of the request")
                 started = time.perf_counter()
                 values = unpack_complex(
                     self._session.secret.decrypt_complex(reply.scores, max_bytes), reply.count
                 )
                 decrypting += time.perf_counter() - started
-                scores[reply.offset : reply.offset + reply.count] = values
+                scores[reply.query_index][reply.offset : reply.offset + reply.count] = values
                 received += len(reply.scores)
-                covered += reply.count
-            if covered != expected:
+                covered[reply.query_index] += reply.count
+            if covered != [expected] * queries:
                 raise HeserveError(f"the server returned {covered} scores for {expected} items")
 
         started = time.perf_counter()
         self._call(consume)
+        sent = len(request.query) + sum(len(query) for query in request.more_queries)
         self.stats.last_decrypt_seconds = decrypting
         self.stats.last_score_seconds = time.perf_counter() - started - decrypting
-        self.stats.query_bytes_sent += len(request.query)
-        self.stats.last_query_bytes = len(request.query)
+        self.stats.query_bytes_sent += sent
+        self.stats.last_query_bytes = sent
         self.stats.score_bytes_received += received
         self.stats.last_response_bytes = received
         return scores
@@ -363,11 +399,24 @@ class Client:
         self, vector: npt.ArrayLike, *, catalog: str, k: int = 10
     ) -> list[tuple[str, float]]:
         """The k best items for `vector`, best first, ranked here on decrypted scores."""
+        return self.recommend_many([vector], catalog=catalog, k=k)[0]
+
+    def recommend_many(
+        self,
+        vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
+        *,
+        catalog: str,
+        k: int = 10,
+    ) -> list[list[tuple[str, float]]]:
+        """`recommend` for several vectors, scored together (see `score_many`)."""
         if k < 1:
             raise ValueError("k must be at least 1")
-        scores = self.score(vector, catalog=catalog)
-        ids = self.item_ids(catalog)
-        k = min(k, len(scores))
-        best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return [(ids[i], float(scores[i])) for i in best]
+        all_scores = self.score_many(vectors, catalog=catalog)
+        ids = self.item_ids(catalog) if all_scores else []
+        rankings = []
+        for scores in all_scores:
+            top = min(k, len(scores))
+            best = np.argpartition(-scores, top - 1)[:top]
+            best = best[np.argsort(-scores[best], kind="stable")]
+            rankings.append([(ids[i], float(scores[i])) for i in best])
+        return rankings

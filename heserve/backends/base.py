@@ -45,16 +45,17 @@ class Sealed(Generic[T]):
 
 @dataclass(frozen=True)
 class ScoreCall:
-    """One checked query, as every backend's `score` and `score_rows` take it.
+    """One checked request, as every backend's `score` and `score_rows` take it.
 
     `catalog` names the catalog scored (or, for `score_rows`, whose layout the
     given rows take); `key_id` lets a remote shard keep the keys between queries.
+    `queries` are scored in one pass over the catalog (one or more, same keys).
     """
 
     catalog: str
     key_id: str
     keys: Sealed[seal.GaloisKeys]
-    query: Sealed[seal.Ciphertext]
+    queries: tuple[Sealed[seal.Ciphertext], ...]
 
 
 def shard_chunks(shard: int, shard_count: int, chunk_count: int) -> list[int]:
@@ -101,13 +102,13 @@ class Backend(Protocol):
     ) -> None:
         """Encode and keep a catalog's chunks."""
 
-    def score(self, call: ScoreCall) -> Iterator[bytes]:
-        """Serialized score ciphertexts, one per chunk, in catalog order."""
+    def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
+        """Per chunk, in catalog order: one serialized score ciphertext per query."""
         ...
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
         """Score `rows` (re-ranking candidates, in the caller's order) under the layout of
-        `call.catalog`: one serialized ciphertext per chunk of rows, in order."""
+        `call.catalog`: per chunk of rows, in order, one serialized ciphertext per query."""
         ...
 
     def forget_keys(self, key_id: str) -> None:

@@ -34,12 +34,14 @@ class LocalBackend:
         budget = self._budget.take(self.engine.params, plan, len(rows))
         self._shard.load_catalog(name, plan, rows, budget, progress)
 
-    def score(self, call: ScoreCall) -> Iterator[bytes]:
-        return self._shard.score(call.catalog, call.query.value, call.keys.value)
+    def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
+        queries = [query.value for query in call.queries]
+        return self._shard.score(call.catalog, queries, call.keys.value)
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
         chunks = self._shard.plan(call.catalog).chunk_rows(rows)
-        return self._shard.score(call.catalog, call.query.value, call.keys.value, chunks)
+        queries = [query.value for query in call.queries]
+        return self._shard.score(call.catalog, queries, call.keys.value, chunks)
 
     def forget_keys(self, key_id: str) -> None:
         """Nothing to do: the loaded keys live in the Scorer's key store only."""

@@ -247,10 +247,10 @@ class PoolBackend:
                     raise ShardUnavailableError(f"worker {index} is not ready")
         return list(self._workers)
 
-    def score(self, call: ScoreCall) -> Iterator[bytes]:
+    def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         return self._stream(call, self._catalogs[call.catalog].chunk_count, lambda indices: None)
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
         chunks = self._catalogs[call.catalog].plan.chunk_rows(rows)
         return self._stream(call, len(chunks), lambda indices: tuple(chunks[i] for i in indices))
 
@@ -259,7 +259,7 @@ class PoolBackend:
         call: ScoreCall,
         total: int,
         rows_of: Callable[[list[int]], tuple[FloatArray, ...] | None],
-    ) -> Iterator[bytes]:
+    ) -> Iterator[list[bytes]]:
         """Send the query to every worker with chunks to score, then yield the `total`
         results in order. `rows_of(indices)`: the rows of those chunks, if not the
         catalog's own (re-ranking)."""
@@ -271,12 +271,12 @@ class PoolBackend:
                 indices = shard_chunks(worker.index, self.shard_count, total)
                 if indices:
                     self._send_query(worker, request_id, call, indices, rows_of(indices))
-            ready: dict[int, bytes] = {}
+            ready: dict[int, list[bytes]] = {}
             for expected in range(total):
                 while expected not in ready:
                     reply = self._next_reply(replies)
                     if isinstance(reply, ChunkScored):
-                        ready[reply.index] = reply.scores
+                        ready[reply.index] = list(reply.scores)
                 yield ready.pop(expected)
             finished = True
         finally:
@@ -299,7 +299,7 @@ class PoolBackend:
             query = ShardQuery(
                 call.catalog,
                 call.key_id,
-                call.query.blob,
+                tuple(query.blob for query in call.queries),
                 call.keys.blob if ship else None,
                 rows,
             )

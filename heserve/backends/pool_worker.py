@@ -65,10 +65,10 @@ ToWorker = LoadShard | ScoreShard | ForgetKeys | Stop
 
 @dataclass(frozen=True)
 class ChunkScored(Message):
-    """The score ciphertext of chunk `index` (catalog-wide) of a ScoreShard."""
+    """The score ciphertexts of chunk `index` (catalog-wide) of a ScoreShard, one per query."""
 
     index: int
-    scores: bytes
+    scores: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,6 @@ def _serve(
         )
         return
     for index, scores in zip(message.indices, shard.answer(message.query), strict=True):
-        conn.send(ChunkScored(request_id, index, scores))
+        conn.send(ChunkScored(request_id, index, tuple(scores)))
         if cancelled.value == request_id:
             return

@@ -78,8 +78,8 @@ class ShardActor:
 
     def score(
         self, catalog: _ShardCatalog, rows_ref: list[Any], query: ShardQuery, keys_ref: list[Any]
-    ) -> Iterator[bytes]:
-        """Stream this shard's score ciphertexts, in chunk order."""
+    ) -> Iterator[list[bytes]]:
+        """Stream this shard's score ciphertexts (one per query) chunk by chunk, in order."""
         if not self._shard.holds_catalog(catalog.name):  # restarted since it was loaded
             self.load(catalog, rows_ref)
         if not self._shard.holds_keys(query.key_id):
@@ -152,16 +152,16 @@ class RayBackend:
                 progress(done, total)
         self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
 
-    def score(self, call: ScoreCall) -> Iterator[bytes]:
+    def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         return self._stream(call, self._catalogs[call.catalog].total, None)
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[bytes]:
+    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
         chunks = self._catalogs[call.catalog].shard.plan.chunk_rows(rows)
         return self._stream(call, len(chunks), chunks)
 
     def _stream(
         self, call: ScoreCall, total: int, rows: list[FloatArray] | None
-    ) -> Iterator[bytes]:
+    ) -> Iterator[list[bytes]]:
         """Start each actor's part of the query, then yield the `total` results in order.
         `rows`: the chunks to score, if not the catalog's own (re-ranking)."""
         catalog = self._catalogs[call.catalog]
@@ -178,7 +178,8 @@ class RayBackend:
             if not indices:
                 break  # fewer chunks than shards: the later shards have none
             part = None if rows is None else tuple(rows[i] for i in indices)
-            query = ShardQuery(call.catalog, call.key_id, call.query.blob, rows=part)
+            blobs = tuple(query.blob for query in call.queries)
+            query = ShardQuery(call.catalog, call.key_id, blobs, rows=part)
             streams.append(actor.score.remote(catalog.shard, [catalog_rows], query, [key_ref]))
         try:
             for index in range(total):

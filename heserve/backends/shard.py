@@ -32,7 +32,7 @@ class ShardQuery:
 
     catalog: str
     key_id: str
-    query: bytes
+    queries: tuple[bytes, ...]
     keys: bytes | None = None
     rows: tuple[FloatArray, ...] | None = None
 
@@ -67,23 +67,28 @@ class Shard:
     def score(
         self,
         catalog: str,
-        query: seal.Ciphertext,
+        queries: Sequence[seal.Ciphertext],
         keys: seal.GaloisKeys,
         rows: Iterable[FloatArray] | None = None,
-    ) -> Iterator[bytes]:
-        """Serialized score ciphertexts, one per chunk in order: of this shard's chunks of
-        `catalog`, or of `rows` (chunks of candidates, encoded on the fly) in its layout."""
+    ) -> Iterator[list[bytes]]:
+        """Per chunk in order, one serialized score ciphertext per query: of this shard's
+        chunks of `catalog`, or of `rows` (chunks of candidates, encoded on the fly) in
+        its layout. The queries share one pass over the chunks."""
         plan, chunks = self._catalogs[catalog]
-        for scores in self.engine.score(plan, chunks if rows is None else rows, query, keys):
-            yield wire.to_bytes(scores)
+        source = chunks if rows is None else rows
+        for results in self.engine.score_many(plan, source, queries, keys):
+            yield [wire.to_bytes(scores) for scores in results]
 
-    def answer(self, request: ShardQuery) -> Iterator[bytes]:
-        """`score` for a query that arrived as bytes, keeping the keys it brought."""
+    def answer(self, request: ShardQuery) -> Iterator[list[bytes]]:
+        """`score` for queries that arrived as bytes, keeping the keys they brought."""
         if request.keys is not None:
             self.add_keys(request.key_id, request.keys)
         keys = self._keys[request.key_id]
-        query = wire.load_ciphertext(self.engine.context, request.query, BOUNDED_OBJECT_BYTES)
-        return self.score(request.catalog, query, keys, request.rows)
+        queries = [
+            wire.load_ciphertext(self.engine.context, blob, BOUNDED_OBJECT_BYTES)
+            for blob in request.queries
+        ]
+        return self.score(request.catalog, queries, keys, request.rows)
 
     def add_keys(self, key_id: str, blob: bytes) -> None:
         """Load and keep keys the Scorer already validated."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,9 @@ class SizeLimits:
     max_key_bytes: int = 16 << 20
     max_item_ids: int = 65_536
     max_page_size: int = 10_000
+    max_queries_per_request: int = 8
+    """Queries one Score call may carry: eight seeded precise queries stay well inside
+    the default message size, and one pass over the catalog serves them all."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class ScoredRun:
     count: int
     index: int
     total: int
+    query_index: int = 0
+    """Which of the request's queries these scores answer (0: the first)."""
 
 
 @dataclass(frozen=True)
@@ -211,13 +216,22 @@ class Scorer:
         item_ids: list[str],
         version: str = "",
         complex_scores: bool = False,
+        more_queries: Sequence[bytes] = (),
     ) -> Iterator[ScoredRun]:
         """Check the whole request, then yield encrypted score runs in order.
 
         Each chunk's result holds 2S scores in complex slots. A client that decodes
         complex slots gets it as it is; for any other, it is split into two
         real-slot ciphertexts of S scores each (which needs the conjugation key).
+        `more_queries` are scored with `query` in one pass over the catalog; runs
+        come chunk by chunk, and within a chunk query by query (`query_index`).
         """
+        queries = [query, *more_queries]
+        if len(queries) > self.limits.max_queries_per_request:
+            raise ResourceExhaustedError(
+                f"{len(queries)} queries exceed the limit of "
+                f"{self.limits.max_queries_per_request} per request"
+            )
         entry = self.catalog(catalog_name)
         catalog = entry.catalog
         if version and version != catalog.version:
@@ -236,7 +250,8 @@ class Scorer:
                 "real-slot scores need the conjugation key (rotation step 0, Galois element "
                 "2N-1) in the registered keys; register keys with it, or ask for complex_scores"
             )
-        call = ScoreCall(catalog_name, key_id, keys, Sealed(query, self._load_query(query)))
+        loaded = tuple(Sealed(blob, self._load_query(blob)) for blob in queries)
+        call = ScoreCall(catalog_name, key_id, keys, loaded)
         if positions is None:
             runs = self.backend.score(call)
             count = catalog.item_count
@@ -248,12 +263,17 @@ class Scorer:
         total = ceil_div(count, per_response)
         index = 0
         try:
-            for scores in runs:
-                for part in self._finish(scores, keys.value, complex_scores):
+            for per_query in runs:
+                finished = [
+                    self._finish(scores, keys.value, complex_scores) for scores in per_query
+                ]
+                for part in range(len(finished[0])):
                     offset = index * per_response
                     if offset >= count:
                         break  # the imaginary half of a last chunk with S items or fewer
-                    yield ScoredRun(part, offset, min(per_response, count - offset), index, total)
+                    size = min(per_response, count - offset)
+                    for query_index, parts in enumerate(finished):
+                        yield ScoredRun(parts[part], offset, size, index, total, query_index)
                     index += 1
         except QueryError as exc:
             raise InvalidArgumentError(str(exc)) from None

@@ -209,6 +209,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             list(request.item_ids),
             request.catalog_version,
             request.complex_scores,
+            list(request.more_queries),
         )
         # Between responses (each computed, or the second half of a split result),
         # look at the call: stop once the client has gone or the deadline passed.
@@ -232,4 +233,5 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
                 count=run.count,
                 chunk_index=run.index,
                 chunk_count=run.total,
+                query_index=run.query_index,
             )
