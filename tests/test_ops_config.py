@@ -471,6 +471,79 @@ def test_bad_settings_name_their_source(
     assert message in str(refused.value)
 
 
+SECRET = "alice:S3CRET-token-value-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "file", "message"),
+    [
+        # issue 10, finding 6: each of these was accepted, or refused with a secret shown
+        ([], {}, f'tokens = ["{SECRET}", 5]\n', "tokens: expected a string or a list of strings"),
+        (
+            [],
+            {},
+            "tokens = 5\n",
+            "tokens: expected a string or a list of strings, got a value of type int",
+        ),
+        ([], {}, "score-noise-std = 1e-400\n", "too small for a float"),
+        ([], {}, "score-noise-std = 1e-310\n", "too small for a float"),  # a denormal
+        (["--score-noise-std", "1e-400"], {}, None, "--score-noise-std: '1e-400' is too small"),
+        ([], {"HESERVE_SCORE_NOISE_STD": "4e-324"}, None, "HESERVE_SCORE_NOISE_STD: '4e-324'"),
+        ([], {}, "query-budget-window = nan\n", "must be a finite number"),
+        (["--query-budget-window", "nan"], {}, None, "--query-budget-window: must be a finite"),
+        ([], {"HESERVE_SHUTDOWN_GRACE": "inf"}, None, "HESERVE_SHUTDOWN_GRACE: must be a finite"),
+        ([], {}, "score-noise-std = -inf\n", "must be a finite number"),
+        ([], {}, f"key-ttl = {1 << 32}\n", "key-ttl: must be at most 4294967295"),
+        (["--max-message-bytes", str(1 << 31)], {}, None, "--max-message-bytes: must be at most"),
+        (["--flood-bits", "41"], {}, None, "--flood-bits: must be at most 40"),
+        ([], {}, "query-budget = 5\nquery_budget = 500\n", "query-budget is set twice"),
+        ([], {}, 'host = ""\n', "host: an address, not empty"),
+        (["--host", " "], {}, None, "--host: an address, not empty"),
+        ([], {"HESERVE_METRICS_HOST": "a b"}, None, "HESERVE_METRICS_HOST: an address"),
+        ([], {}, 'tls-cert = ""\ntls-key = "k.pem"\n', "tls-cert: expected a path"),
+        ([], {}, "port = 5.0\n", "port: expected an integer, got 5.0"),
+        ([], {}, f'threads = "{"9" * 5000}"\n', "threads: expected an integer, got '999"),
+    ],
+)
+def test_every_setting_is_validated_in_one_line_without_secrets(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], file: str | None, message: str
+) -> None:
+    if file is not None:
+        (tmp_path / "heserve.toml").write_text(file)
+        argv = ["--config", str(tmp_path / "heserve.toml"), *argv]
+    with pytest.raises(config.ConfigError) as refused:
+        _serve(argv, environ)
+    text = str(refused.value)
+    assert message in text
+    assert "\n" not in text and len(text) < 300 + len(str(tmp_path))
+    assert "S3CRET" not in text
+
+
+def test_zero_and_small_normal_numbers_are_still_accepted(tmp_path: Path) -> None:
+    (tmp_path / "heserve.toml").write_text("score-noise-std = 0.0\nshutdown-grace = 0\n")
+    settings = _serve(["--config", str(tmp_path / "heserve.toml")], {})
+    assert (settings.score_noise_std, settings.shutdown_grace) == (0.0, 0.0)
+    assert _serve(["--score-noise-std", "1e-300"], {}).score_noise_std == 1e-300
+    assert _serve(["--score-noise-std", "0e-999"], {}).score_noise_std == 0.0
+    assert _serve([], {"HESERVE_KEY_TTL": str((1 << 32) - 1)}).key_ttl == (1 << 32) - 1
+
+
+def test_heserve_serve_refuses_a_bad_setting_with_one_line_and_no_secret(tmp_path: Path) -> None:
+    (tmp_path / "heserve.toml").write_text(f'tokens = ["{SECRET}", 5]\nhost = ""\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--config", "heserve.toml"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("heserve: error: ") and result.stderr.count("\n") == 1
+    assert "S3CRET" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_serve_help_documents_every_setting() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "heserve.ops.cli", "serve", "--help"],

@@ -208,7 +208,8 @@ class Settings:
         default=0,
         metadata=option(
             "noise flooding: fresh noise 2^BITS times the preset's CKKS noise on every score, "
-            "so decrypted noise says nothing of the catalog; costs BITS bits of precision "
+            "which bounds (not closes) what the decrypted noise tells of the catalog; costs "
+            "BITS bits of precision "
             "(0: off). Calibrated to a query of norm <= 1: a client that scales its query "
             "by 10^k makes this noise 10^k times smaller relative to its scores, so against "
             "a malicious client it does little and the query budget is the defence (see "
@@ -492,7 +493,7 @@ def _convert(option: Option, value: object, origin: str, base: Path | None = Non
             "entries": "a string or a list of strings",
         }
         # A secret setting's value is never shown: it may be (or hold) a token.
-        got = f"a {type(value).__name__}" if option.secret else _shown(value)
+        got = f"a value of type {type(value).__name__}" if option.secret else _shown(value)
         wanted = expected.get(kind, "a string")
         raise ConfigError(f"{origin}: expected {wanted}, got {got}") from None
 
