@@ -78,19 +78,22 @@ class Workload:
         return result
 
 
-def unit_vectors(count: int, dimension: int, seed: int, block: int = 65_536) -> FloatArray:
+def unit_vectors(
+    count: int, dimension: int, seed: int, block: int = 65_536, dtype: type = np.float64
+) -> npt.NDArray[Any]:
     """Deterministic unit-norm rows, generated and normalised block by block in place.
 
     Identical to `heserve.domain.catalog.unit_rows(count, dimension, seed)` (one normal
     stream, consumed in row order) without its temporaries, so a 1M × 512 catalog
-    costs its own 4 GiB and no more. The first k rows do not depend on `count`.
+    costs its own 4 GiB and no more (`dtype=np.float32`, what a Catalog holds: 2 GiB).
+    The first k rows do not depend on `count`.
     """
     rng = np.random.default_rng(seed)
-    rows: FloatArray = np.empty((count, dimension))
+    rows: npt.NDArray[Any] = np.empty((count, dimension), dtype=dtype)
     for start in range(0, count, block):
-        part = rows[start : start + block]
-        part[...] = rng.standard_normal(part.shape)
+        part = rng.standard_normal((min(block, count - start), dimension))
         part /= np.linalg.norm(part, axis=1, keepdims=True)
+        rows[start : start + len(part)] = part
     return rows
 
 

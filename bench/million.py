@@ -59,7 +59,7 @@ def serve(preset: str, workers: int, items: int, dimension: int) -> int:
 
     params = PRESETS[preset]
     started = time.perf_counter()
-    rows = unit_vectors(items, dimension, CATALOG_SEED + dimension)
+    rows = unit_vectors(items, dimension, CATALOG_SEED + dimension, dtype=np.float32)
     catalog = Catalog(CATALOG, rows, item_ids(items))
     catalog_seconds = time.perf_counter() - started
     backend = PoolBackend(params, workers=workers)

@@ -523,7 +523,8 @@ def test_npy_with_ids_file(tmp_path: Path, matrix: FloatArray, names: list[str])
 
     assert catalog.name == "c"
     assert catalog.ids == tuple(names)
-    assert np.array_equal(catalog.embeddings, matrix)
+    assert catalog.embeddings.dtype == np.float32  # held as float32, what models produce
+    assert np.array_equal(catalog.embeddings, matrix.astype(np.float32))
     assert (catalog.item_count, catalog.dimension) == (40, 12)
 
 
@@ -554,7 +555,7 @@ def test_npz_matches_npy_with_ids(tmp_path: Path, matrix: FloatArray, names: lis
     from_npy = load_catalog("c", tmp_path / "c.npy", tmp_path / "ids.txt")
 
     assert from_npz.ids == tuple(names)
-    assert np.array_equal(from_npz.embeddings, matrix)
+    assert np.array_equal(from_npz.embeddings, matrix.astype(np.float32))
     assert from_npz.version == from_npy.version
 
 
@@ -562,7 +563,7 @@ def test_version_follows_the_content(tmp_path: Path, matrix: FloatArray, names: 
     base = Catalog("c", matrix, tuple(names)).version
     renamed = Catalog("c", matrix, (*names[:-1], "sku-new")).version
     changed = matrix.copy()
-    changed[3, 4] += 1e-9
+    changed[3, 4] += 1e-6  # a change float32, which the catalog holds, keeps
     moved = Catalog("c", changed, tuple(names)).version
 
     assert len({base, renamed, moved}) == 3

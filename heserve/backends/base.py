@@ -21,7 +21,7 @@ import tenseal.sealapi as seal
 from heserve.he.engine import Engine, Progress, encoded_chunk_bytes
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray, ceil_div
+from heserve.protocol.slots import RowArray, ceil_div
 
 T = TypeVar("T")
 
@@ -98,7 +98,7 @@ class Backend(Protocol):
     engine: Engine
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         """Encode and keep a catalog's chunks."""
 
@@ -106,7 +106,7 @@ class Backend(Protocol):
         """Per chunk, in catalog order: one serialized score ciphertext per query."""
         ...
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
+    def score_rows(self, call: ScoreCall, rows: RowArray) -> Iterator[list[bytes]]:
         """Score `rows` (re-ranking candidates, in the caller's order) under the layout of
         `call.catalog`: per chunk of rows, in order, one serialized ciphertext per query."""
         ...

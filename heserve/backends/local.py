@@ -14,7 +14,7 @@ from heserve.backends.shard import Shard
 from heserve.he.engine import Engine, Progress
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray
+from heserve.protocol.slots import RowArray
 
 
 class LocalBackend:
@@ -28,7 +28,7 @@ class LocalBackend:
         self._shard = Shard(self.engine)
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         rows = plan.chunk_rows(embeddings)
         budget = self._budget.take(self.engine.params, plan, len(rows))
@@ -38,7 +38,7 @@ class LocalBackend:
         queries = [query.value for query in call.queries]
         return self._shard.score(call.catalog, queries, call.keys.value)
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
+    def score_rows(self, call: ScoreCall, rows: RowArray) -> Iterator[list[bytes]]:
         chunks = self._shard.plan(call.catalog).chunk_rows(rows)
         queries = [query.value for query in call.queries]
         return self._shard.score(call.catalog, queries, call.keys.value, chunks)

@@ -17,7 +17,7 @@ from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray
+from heserve.protocol.slots import RowArray
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,14 @@ class Message:
 
 @dataclass(frozen=True)
 class LoadShard(Message):
-    """Encode this worker's chunks of a catalog (`rows`: one entry per chunk)."""
+    """Encode a batch of this worker's chunks of a catalog (`rows`: one entry per chunk);
+    `first` is the batch's position in the worker's shard (see `Shard.load_catalog`)."""
 
     catalog: str
     plan: DiagonalPlan
-    rows: tuple[FloatArray, ...]
+    rows: tuple[RowArray, ...]
     memory_budget: int | None
+    first: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,12 @@ def _serve(
     if isinstance(message, LoadShard):
         progress = _progress_to(conn, request_id)
         shard.load_catalog(
-            message.catalog, message.plan, message.rows, message.memory_budget, progress
+            message.catalog,
+            message.plan,
+            message.rows,
+            message.memory_budget,
+            progress,
+            message.first,
         )
         return
     for index, scores in zip(message.indices, shard.answer(message.query), strict=True):

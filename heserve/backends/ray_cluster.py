@@ -31,7 +31,7 @@ from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray
+from heserve.protocol.slots import RowArray
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ShardActor:
 
     def load(self, catalog: _ShardCatalog, rows_ref: list[Any]) -> int:
         """Encode this shard of a catalog (rows fetched from the object store)."""
-        rows: list[FloatArray] = ray.get(rows_ref[0])
+        rows: list[RowArray] = ray.get(rows_ref[0])
         self._shard.load_catalog(catalog.name, catalog.plan, rows, catalog.budget)
         return len(rows)
 
@@ -131,7 +131,7 @@ class RayBackend:
         ray.kill(self._actors[shard], no_restart=False)
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: FloatArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         total = plan.chunk_count(len(embeddings))
         budget = self._budget.take(self.params, plan, total)
@@ -155,12 +155,12 @@ class RayBackend:
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         return self._stream(call, self._catalogs[call.catalog].total, None)
 
-    def score_rows(self, call: ScoreCall, rows: FloatArray) -> Iterator[list[bytes]]:
+    def score_rows(self, call: ScoreCall, rows: RowArray) -> Iterator[list[bytes]]:
         chunks = self._catalogs[call.catalog].shard.plan.chunk_rows(rows)
         return self._stream(call, len(chunks), chunks)
 
     def _stream(
-        self, call: ScoreCall, total: int, rows: list[FloatArray] | None
+        self, call: ScoreCall, total: int, rows: list[RowArray] | None
     ) -> Iterator[list[bytes]]:
         """Start each actor's part of the query, then yield the `total` results in order.
         `rows`: the chunks to score, if not the catalog's own (re-ranking)."""

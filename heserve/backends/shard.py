@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import tenseal.sealapi as seal
 
 from heserve.backends.base import BOUNDED_OBJECT_BYTES
-from heserve.he.engine import Chunk, Engine, Progress
+from heserve.he.engine import Chunk, Engine, Progress, encoded_chunk_bytes
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
-from heserve.protocol.slots import FloatArray
+from heserve.protocol.slots import RowArray
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ShardQuery:
     key_id: str
     queries: tuple[bytes, ...]
     keys: bytes | None = None
-    rows: tuple[FloatArray, ...] | None = None
+    rows: tuple[RowArray, ...] | None = None
 
 
 class Shard:
@@ -49,13 +49,25 @@ class Shard:
         self,
         name: str,
         plan: DiagonalPlan,
-        rows: Sequence[FloatArray],
+        rows: Sequence[RowArray],
         memory_budget: int | None,
         progress: Progress | None = None,
+        first: int = 0,
     ) -> None:
-        """Encode this shard's chunks of a catalog (each entry of `rows`: one chunk's rows)."""
+        """Encode this shard's chunks of a catalog (each entry of `rows`: one chunk's rows).
+
+        A catalog may arrive a batch of chunks at a time, so that neither the sender
+        nor this shard ever holds all of its rows: `first` is the position of the
+        batch's first chunk in this shard (0 starts the catalog afresh), and
+        `memory_budget` is the shard's budget for the whole catalog.
+        """
+        if memory_budget is not None:
+            memory_budget -= first * encoded_chunk_bytes(self.engine.params, plan)
         chunks = self.engine.encode_chunks(plan, rows, memory_budget, progress)
-        self._catalogs[name] = (plan, chunks)
+        if first == 0:
+            self._catalogs[name] = (plan, chunks)
+        else:
+            self._catalogs[name][1].extend(chunks)
 
     def holds_catalog(self, name: str) -> bool:
         return name in self._catalogs
@@ -69,7 +81,7 @@ class Shard:
         catalog: str,
         queries: Sequence[seal.Ciphertext],
         keys: seal.GaloisKeys,
-        rows: Iterable[FloatArray] | None = None,
+        rows: Iterable[RowArray] | None = None,
     ) -> Iterator[list[bytes]]:
         """Per chunk in order, one serialized score ciphertext per query: of this shard's
         chunks of `catalog`, or of `rows` (chunks of candidates, encoded on the fly) in

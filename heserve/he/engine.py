@@ -27,7 +27,7 @@ import tenseal.sealapi as seal
 from heserve.he import limbs
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol.params import CkksParameters
-from heserve.protocol.slots import FloatArray, imaginary_signs
+from heserve.protocol.slots import RowArray, imaginary_signs
 
 try:
     from heserve.he import _mac
@@ -71,7 +71,7 @@ class ResidueChunk:
         return tuple(None if row < 0 else self.residues[row] for row in self.index)
 
 
-Chunk = EncodedChunk | ResidueChunk | FloatArray
+Chunk = EncodedChunk | ResidueChunk | RowArray
 """A chunk of up to 2S rows: encoded ahead of time, or rows to encode per query."""
 
 
@@ -102,7 +102,7 @@ class Engine:
         query_level = self.context.get_context_data(self._query_parms_id).parms()
         self._moduli = [modulus.value() for modulus in query_level.coeff_modulus()]
 
-    def encode_rows(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk | ResidueChunk:
+    def encode_rows(self, plan: DiagonalPlan, rows: RowArray) -> EncodedChunk | ResidueChunk:
         """Encode the complex diagonals of up to 2S rows at the query's level: as
         residues for the native kernel, else as SEAL plaintexts."""
         chunk = self.encode_plaintexts(plan, rows)
@@ -122,7 +122,7 @@ class Engine:
                 row += 1
         return ResidueChunk(chunk.row_count, residues, index)
 
-    def encode_plaintexts(self, plan: DiagonalPlan, rows: FloatArray) -> EncodedChunk:
+    def encode_plaintexts(self, plan: DiagonalPlan, rows: RowArray) -> EncodedChunk:
         """Encode the complex diagonals of up to 2S rows as SEAL plaintexts."""
         diagonals: list[seal.Plaintext | None] = []
         for values in plan.diagonals(rows):
@@ -149,7 +149,7 @@ class Engine:
     def encode_chunks(
         self,
         plan: DiagonalPlan,
-        rows: Sequence[FloatArray],
+        rows: Sequence[RowArray],
         memory_budget: int | None = None,
         progress: Progress | None = None,
     ) -> list[Chunk]:
@@ -173,7 +173,7 @@ class Engine:
     def encode_catalog(
         self,
         plan: DiagonalPlan,
-        embeddings: FloatArray,
+        embeddings: RowArray,
         progress: Progress | None = None,
         memory_budget: int | None = None,
     ) -> list[Chunk]:

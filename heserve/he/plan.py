@@ -28,6 +28,7 @@ import numpy.typing as npt
 from heserve.protocol.slots import (
     ComplexArray,
     FloatArray,
+    RowArray,
     ceil_div,
     imaginary_signs,
     next_power_of_two,
@@ -83,8 +84,8 @@ class DiagonalPlan:
         return ceil_div(item_count, self.items_per_chunk)
 
     def chunk_rows(
-        self, embeddings: FloatArray, indices: Sequence[int] | None = None
-    ) -> list[FloatArray]:
+        self, embeddings: RowArray, indices: Sequence[int] | None = None
+    ) -> list[RowArray]:
         """The rows of each chunk (all of them, or those at `indices`), as views."""
         size = self.items_per_chunk
         chosen = range(self.chunk_count(embeddings.shape[0])) if indices is None else indices
@@ -113,7 +114,7 @@ class DiagonalPlan:
         """The query layout for this plan's dimension; see `query_slots`."""
         return query_slots(vector, self.dimension, self.slot_count)
 
-    def diagonals(self, rows: FloatArray) -> ComplexArray:
+    def diagonals(self, rows: RowArray) -> ComplexArray:
         """The d' pre-rotated complex diagonals of up to 2S rows, as a (d', S) array.
 
         Row j of the result is D[j] rotated right by (j // b) * b, ready to encode:

@@ -8,11 +8,15 @@ server arranges its catalog to get there is its own business (`heserve.he.plan`)
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 ComplexArray = npt.NDArray[np.complex128]
+RowArray = npt.NDArray[np.floating[Any]]
+"""Catalog rows: float32 as catalogs hold them, or float64 as callers may pass them."""
 
 
 def next_power_of_two(value: int) -> int:
