@@ -8,6 +8,7 @@ The worker itself is a `Shard` answering requests in the order they arrive.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -93,6 +94,14 @@ class Done(Message):
 Reply = ChunkScored | ChunkEncoded | Failed | Done
 
 
+def _return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system after a batch of rows is encoded:
+    the received rows and SEAL's plaintexts are gone, and glibc would otherwise keep
+    their pages, which the worker's resident size (what an operator sees) counts."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _progress_to(conn: Connection, request_id: int) -> Progress:
     return lambda done, total: conn.send(ChunkEncoded(request_id))
 
@@ -137,6 +146,7 @@ def _serve(
             progress,
             message.first,
         )
+        _return_freed_memory()
         return
     for index, scores in zip(message.indices, shard.answer(message.query), strict=True):
         conn.send(ChunkScored(request_id, index, tuple(scores)))
