@@ -53,7 +53,9 @@ def split_seconds(
     """(baby rotations s, one shard's chunks s, baby step, chunks per shard), medians,
     in this process, for the plan a `shards`-way backend uses."""
     engine = Engine(params)
-    plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count, shards)
+    plan = DiagonalPlan.for_catalog(
+        workload.dimension, workload.items, params.slot_count, shards, rescales=params.rescales
+    )
     per_shard = -(-workload.items // plan.items_per_chunk // shards) * plan.items_per_chunk
     rows = workload.catalog[: min(workload.items, per_shard)]
     chunks = engine.encode_catalog(plan, rows)
