@@ -186,7 +186,7 @@ def secret_context(params: CkksParameters = PARAMS) -> SecretContext:
 
 
 def engine_memory_bytes(dimension: int, items: int, params: CkksParameters = PARAMS) -> int:
-    plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count, rescales=params.rescales)
+    plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count)
     return plan.chunk_count(items) * encoded_chunk_bytes(params, plan)
 
 
@@ -218,9 +218,7 @@ def engine_setup(
     the native kernel: the kernel's speed-up is the ratio of the two in one run.
     """
     engine = Engine(params, native=native)
-    plan = DiagonalPlan.for_catalog(
-        workload.dimension, workload.items, params.slot_count, rescales=params.rescales
-    )
+    plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count)
     chunks = engine.encode_catalog(plan, workload.catalog)
     secret = secret_context(params)
     keys = wire.load_galois_keys(

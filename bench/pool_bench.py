@@ -53,9 +53,7 @@ def split_seconds(
     """(baby rotations s, one shard's chunks s, baby step, chunks per shard), medians,
     in this process, for the plan a `shards`-way backend uses."""
     engine = Engine(params)
-    plan = DiagonalPlan.for_catalog(
-        workload.dimension, workload.items, params.slot_count, shards, rescales=params.rescales
-    )
+    plan = DiagonalPlan.for_catalog(workload.dimension, workload.items, params.slot_count, shards)
     per_shard = -(-workload.items // plan.items_per_chunk // shards) * plan.items_per_chunk
     rows = workload.catalog[: min(workload.items, per_shard)]
     chunks = engine.encode_catalog(plan, rows)

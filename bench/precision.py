@@ -48,7 +48,7 @@ def measure(
     """Score `queries` random unit vectors against one random unit-norm catalog."""
     params = PRESETS[preset]
     engine = Engine(params)
-    plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count, rescales=params.rescales)
+    plan = DiagonalPlan.for_catalog(dimension, items, params.slot_count)
     catalog = unit_rows(items, dimension, seed)
     chunks = engine.encode_catalog(plan, catalog)
     add_noise = NoiseAdder(params, preset, protection or ScoreProtection())

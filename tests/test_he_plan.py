@@ -195,13 +195,3 @@ def test_for_catalog_steps_for_the_default_shapes() -> None:
     # one chunk of a 100-dim catalog: b = 8 and 16 tie at 22 rotations; the larger wins
     plan = DiagonalPlan.for_catalog(100, 10, 4096)
     assert (plan.baby_step, plan.rotation_steps, plan.rotations_per_query(1)) == (16, (1, 16), 22)
-
-
-def test_rescales_tip_a_large_catalog_towards_fewer_giant_steps() -> None:
-    """Each inner sum is rescaled (two data primes): 1,000,000 × 128 over two shards
-    costs fewer key switches plus rescales at b = 128 than at the rotation-only b = 64."""
-    rotations_only = DiagonalPlan.for_catalog(128, 1_000_000, 4096, shards=2)
-    with_rescales = DiagonalPlan.for_catalog(128, 1_000_000, 4096, shards=2, rescales=True)
-    assert (rotations_only.baby_step, with_rescales.baby_step) == (64, 128)
-    # small catalogs keep their split: the rescales are few there
-    assert DiagonalPlan.for_catalog(128, 4096, 4096, rescales=True).baby_step == 16

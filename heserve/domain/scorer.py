@@ -136,11 +136,7 @@ class Scorer:
             if catalog.name in served:
                 raise ValueError(f"two catalogs are named {catalog.name!r}")
             plan = DiagonalPlan.for_catalog(
-                catalog.dimension,
-                catalog.item_count,
-                params.slot_count,
-                self.backend.shard_count,
-                rescales=params.rescales,
+                catalog.dimension, catalog.item_count, params.slot_count, self.backend.shard_count
             )
             log.info(
                 "encoding catalog %s: %d items × %d dims, baby step %d",

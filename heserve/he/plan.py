@@ -35,11 +35,6 @@ from heserve.protocol.slots import (
     query_slots,
 )
 
-RESCALE_COST = 0.27
-"""A rescale (rescale_to_next) in units of a rotation (one key switch), measured at
-N = 8192 with two data primes: 0.30 ms against 1.12 ms. It tips large catalogs
-towards fewer giant steps (1,000,000 × 128 on two shards: b = 128, not 64)."""
-
 
 @dataclass(frozen=True)
 class DiagonalPlan:
@@ -60,31 +55,18 @@ class DiagonalPlan:
 
     @classmethod
     def for_catalog(
-        cls,
-        dimension: int,
-        item_count: int,
-        slot_count: int,
-        shards: int = 1,
-        rescales: bool = False,
+        cls, dimension: int, item_count: int, slot_count: int, shards: int = 1
     ) -> DiagonalPlan:
-        """Choose the baby step that minimises key-switching work for this catalog's shape.
+        """Choose the baby step that minimises rotations for this catalog's shape.
 
         A query costs each shard (b - 1) baby rotations, shared by its C chunks,
         plus C * (d'/b - 1) giant rotations; shards run in parallel, so C is the
-        chunks per shard. With `rescales` (two or more data primes) each of the
-        C * d'/b inner sums is also rescaled, at RESCALE_COST of a rotation. The
-        plaintext products (d' per chunk) do not depend on b. Ties go to the larger
-        b (fewer per-chunk rotations).
+        chunks per shard. Ties go to the larger b (fewer per-chunk rotations).
         """
         padded = next_power_of_two(dimension)
         chunks = max(1, ceil_div(item_count, 2 * slot_count * max(1, shards)))
-        rescale = RESCALE_COST if rescales else 0.0
-
-        def cost(b: int) -> tuple[float, int]:
-            giants = padded // b
-            return ((b - 1) + chunks * (giants - 1) + rescale * chunks * giants, -b)
-
-        best = min((1 << e for e in range(padded.bit_length())), key=cost)
+        candidates = [1 << e for e in range(padded.bit_length())]
+        best = min(candidates, key=lambda b: ((b - 1) + chunks * (padded // b - 1), -b))
         return cls(dimension=dimension, slot_count=slot_count, baby_step=best)
 
     @property
