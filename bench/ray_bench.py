@@ -165,16 +165,14 @@ def ray_cluster(mode: str) -> Iterator[tuple[str, float]]:
 
 def kill_pool_worker(backend: Backend) -> None:
     assert isinstance(backend, PoolBackend)
-    os.kill(backend._workers[1].process.pid or 0, signal.SIGKILL)
+    os.kill(backend.worker_pids()[1], signal.SIGKILL)
 
 
 def kill_ray_actor(backend: Backend) -> None:
-    import ray
-
     from heserve.backends.ray_cluster import RayBackend
 
     assert isinstance(backend, RayBackend)
-    ray.kill(backend._actors[1], no_restart=False)  # Ray restarts it
+    backend.kill_actor(1)  # Ray restarts it
 
 
 # ------------------------------------------------------------------------- measuring

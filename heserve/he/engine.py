@@ -263,16 +263,6 @@ class Engine:
         )
         return outputs
 
-    def score_chunk(
-        self,
-        plan: DiagonalPlan,
-        chunk: EncodedChunk | ResidueChunk,
-        babies: Sequence[seal.Ciphertext],
-        keys: seal.GaloisKeys,
-    ) -> seal.Ciphertext:
-        """One output ciphertext: the scores of the chunk's rows in slots 0 .. rows-1."""
-        return self.giant_steps(plan, self.inner_sums(plan, chunk, babies), keys)
-
     def giant_steps(
         self, plan: DiagonalPlan, sums: Sequence[seal.Ciphertext | None], keys: seal.GaloisKeys
     ) -> seal.Ciphertext:
