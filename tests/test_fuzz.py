@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -442,8 +443,9 @@ def test_calls_with_tokens(guarded: Live, data: st.DataObject) -> None:
             chunks(blob), timeout=DEADLINE, metadata=metadata
         )
     code, _ = outcome(call, WITH_TOKENS)
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    caller = {ALICE: "alice", BOB: "bob"}.get(token.strip()) if scheme.lower() == "bearer" else None
+    # exactly "Bearer <token>" (scheme in any case), nothing around it: see transport.auth
+    match = re.fullmatch(r"(?i:bearer) ([\x21-\x2b\x2d-\x7e]+)", authorization or "", re.ASCII)
+    caller = {ALICE: "alice", BOB: "bob"}.get(match[1]) if match else None
     if caller is None:
         assert code == grpc.StatusCode.UNAUTHENTICATED
     elif method == "DeleteKeys" and not key_id:

@@ -68,6 +68,14 @@ class KeyRetentionPolicy:
     ttl_seconds: int = 3600
     max_keys: int = 256
     max_bytes: int = 1 << 30
+    max_keys_per_caller: int = 0
+    """Key sets one caller (token) may hold; past it, the caller's own least recently
+    used goes, never another caller's. 0: a quarter of max_keys (at least 1). A
+    server without tokens has one caller, and no quota."""
+
+    def __post_init__(self) -> None:
+        if self.max_keys_per_caller <= 0:
+            object.__setattr__(self, "max_keys_per_caller", max(1, self.max_keys // 4))
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class Scorer:
             self.retention.ttl_seconds,
             clock=clock,
             on_drop=self.backend.forget_keys,
+            max_keys_per_owner=self.retention.max_keys_per_caller,
         )
         served: dict[str, ServedCatalog] = {}
         for catalog in catalogs:
@@ -167,12 +176,24 @@ class Scorer:
         return entry
 
     def register_keys(self, blob: bytes, owner: str = "") -> str:
-        """Validate and store GaloisKeys; the key_id is a hash of the bytes (idempotent).
+        """Validate and store GaloisKeys; the key_id is a hash of the keys (idempotent).
 
-        `owner` (an authenticated caller's tag; see heserve.transport.auth) enters the hash and ends
-        the key_id, so two callers uploading the same bytes never share an entry.
+        The hash is of the canonical (inflated) bytes, so the same key set sent with
+        other compression settings is the same entry, not a new one that evicts
+        someone else's. `owner` (an authenticated caller's tag; see
+        heserve.transport.auth) enters the hash and ends the key_id, so two callers
+        uploading the same keys never share an entry, and the key store's per-caller
+        quota applies to it.
         """
-        key_id = hashlib.sha256(owner.encode() + blob).hexdigest()[:32] + owner
+        try:
+            blob = wire.canonical_galois_keys(blob, self.limits.max_key_bytes)
+        except wire.PayloadTooLargeError as exc:
+            raise ResourceExhaustedError(f"key upload too large: {exc}") from None
+        except wire.SerializationError as exc:
+            raise InvalidArgumentError(
+                f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
+            ) from None
+        key_id = hashlib.sha256(owner.encode() + b"\0" + blob).hexdigest()[:32] + owner
         if self.keys.touch(key_id):
             return key_id
         try:
@@ -193,7 +214,8 @@ class Scorer:
                 f"GaloisKeys do not cover rotation steps {missing}; see GetServerInfo.galois_steps"
             )
         try:
-            self.keys.put(key_id, Sealed(blob, keys), len(blob) + self._loaded_size(keys))
+            size = len(blob) + self._loaded_size(keys)
+            self.keys.put(key_id, Sealed(blob, keys), size, owner=owner)
         except KeyTooLargeError as exc:
             raise ResourceExhaustedError(f"keys do not fit the key store: {exc}") from None
         log.info("registered keys %s (%d bytes uploaded)", key_id[:12], len(blob))

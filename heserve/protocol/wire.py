@@ -266,6 +266,14 @@ def load_galois_keys(context: seal.SEALContext, blob: bytes, max_bytes: int) -> 
     return keys
 
 
+def canonical_galois_keys(blob: bytes, max_bytes: int) -> bytes:
+    """GaloisKeys bytes in one canonical form: inflated (at most `max_bytes`) and tagged
+    SEAL 4.1, whatever compression and SEAL 4.x tag they came with, so that one key
+    set always hashes to the same key_id. Raises what `load_galois_keys` raises for
+    bytes it cannot inflate."""
+    return _retagged(_uncompressed(blob, max_bytes), _KIND_KSWITCH_KEYS, _WIRE_MINOR)
+
+
 def load_secret_key(context: seal.SEALContext, blob: bytes, max_bytes: int) -> seal.SecretKey:
     """Load a SecretKey; used by the client only, from the user's own file."""
     key = seal.SecretKey()

@@ -61,14 +61,16 @@ class SizeLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ..., max_queries_per_request: _Optional[int] = ...) -> None: ...
 
 class KeyRetentionPolicy(_message.Message):
-    __slots__ = ("ttl_seconds", "max_keys", "max_bytes")
+    __slots__ = ("ttl_seconds", "max_keys", "max_bytes", "max_keys_per_caller")
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEYS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     ttl_seconds: int
     max_keys: int
     max_bytes: int
-    def __init__(self, ttl_seconds: _Optional[int] = ..., max_keys: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    max_keys_per_caller: int
+    def __init__(self, ttl_seconds: _Optional[int] = ..., max_keys: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_keys_per_caller: _Optional[int] = ...) -> None: ...
 
 class ListCatalogsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
