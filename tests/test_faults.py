@@ -372,17 +372,23 @@ def test_a_worker_killed_between_queries_is_replaced_and_the_next_query_succeeds
     _assert_replaced(pool, 0, victim, pool_catalog)
 
 
+def _items_streamed(server: RunningServer) -> float:
+    registry = server.metrics.registry
+    return registry.get_sample_value("heserve_items_scored_total", {"catalog": "pool"}) or 0
+
+
 def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replaced(
     pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
 ) -> None:
     server, backend = pool
     vector, expected = _user_of(pool_catalog, seed=67)
-    registry = server.metrics.registry
 
     def items_streamed() -> float:
-        return registry.get_sample_value("heserve_items_scored_total", {"catalog": "pool"}) or 0
+        return _items_streamed(server)
 
-    with Client(_target(server), timeout=TIMEOUT) as client, ThreadPoolExecutor(1) as background:
+    # retry_unavailable=False: the failure itself, as a client that does not retry sees it
+    client = Client(_target(server), timeout=TIMEOUT, retry_unavailable=False)
+    with client, ThreadPoolExecutor(1) as background:
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4  # keys out
         restarts = backend.restarts
         victim = backend.worker_pids()[1]
@@ -403,6 +409,31 @@ def test_a_worker_killed_during_a_query_fails_it_with_unavailable_and_is_replace
 
         # The next query waits for the replacement, which re-encoded its shard.
         assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4
+        assert backend.restarts == restarts + 1
+    _assert_replaced(pool, 1, victim, pool_catalog)
+
+
+def test_a_worker_killed_during_a_query_is_invisible_to_a_retrying_client(
+    pool: tuple[RunningServer, PoolBackend], pool_catalog: Catalog
+) -> None:
+    """The same kill, with the client's default: the UNAVAILABLE is retried, the retry
+    waits for the replacement, and the caller gets its scores."""
+    server, backend = pool
+    vector, expected = _user_of(pool_catalog, seed=71)
+    with Client(_target(server), timeout=TIMEOUT) as client, ThreadPoolExecutor(1) as background:
+        assert np.abs(client.score(vector, catalog="pool") - expected).max() < 1e-4  # keys out
+        restarts = backend.restarts
+        victim = backend.worker_pids()[1]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            streamed = _items_streamed(server)
+            query = background.submit(client.score, vector, catalog="pool")
+            _wait_for(lambda: _items_streamed(server) > streamed)
+            assert not query.done()
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        assert np.abs(query.result(timeout=TIMEOUT) - expected).max() < 1e-4
+        assert client.stats.retries >= 1
         assert backend.restarts == restarts + 1
     _assert_replaced(pool, 1, victim, pool_catalog)
 
@@ -442,7 +473,9 @@ def test_a_client_used_through_an_outage_reconnects_soon_after_the_restart(
     port = first.port
     vector = unit_rows(1, shop.dimension, seed=70)[0]
     expected = shop.embeddings @ vector
-    with Client(_target(first), timeout=TIMEOUT) as client:
+    # Without retries: each call during the outage fails at once, which is what shows
+    # the channel's reconnection attempts (test_operator_client: calls that retry).
+    with Client(_target(first), timeout=TIMEOUT, retry_unavailable=False) as client:
         client.score(vector, catalog="shop")
         first.stop(grace=None)
 

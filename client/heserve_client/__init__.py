@@ -7,28 +7,39 @@ with Client("127.0.0.1:50051") as client:
 """
 
 from heserve.protocol.convert import CatalogInfo
-from heserve_client._client import Client, TransferStats
+from heserve_client._client import Client, RegistrationRecord, TransferStats
 from heserve_client._errors import (
+    ConjugationKeyMissingError,
     HeserveError,
     InvalidRequestError,
+    KeyNotFoundError,
     LimitExceededError,
     NotFoundError,
     ParameterMismatchError,
+    PermissionDeniedError,
+    PreconditionError,
     ServerUnavailableError,
     StaleCatalogError,
+    UnauthenticatedError,
 )
 from heserve_client._secret import SecretContext
 
 __all__ = [
     "CatalogInfo",
     "Client",
+    "ConjugationKeyMissingError",
     "HeserveError",
     "InvalidRequestError",
+    "KeyNotFoundError",
     "LimitExceededError",
     "NotFoundError",
     "ParameterMismatchError",
+    "PermissionDeniedError",
+    "PreconditionError",
+    "RegistrationRecord",
     "SecretContext",
     "ServerUnavailableError",
     "StaleCatalogError",
     "TransferStats",
+    "UnauthenticatedError",
 ]

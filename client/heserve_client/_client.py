@@ -7,7 +7,10 @@ only ever receives public Galois keys and ciphertexts.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,18 +26,22 @@ import numpy.typing as npt
 from heserve.protocol.convert import CatalogInfo, catalog_info_from_message, parameters_from_message
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.pem import PemSource, read_pem
-from heserve.protocol.reasons import KEY_NOT_FOUND
 from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client._errors import (
     HeserveError,
+    KeyNotFoundError,
     NotFoundError,
     ParameterMismatchError,
+    PermissionDeniedError,
+    ServerUnavailableError,
+    StaleCatalogError,
     from_rpc_error,
 )
 from heserve_client._secret import SecretContext
 
+log = logging.getLogger("heserve_client")
 T = TypeVar("T")
 _KEY_CHUNK_BYTES = 1 << 20
 _CHANNEL_MESSAGE_BYTES = 16 << 20
@@ -42,6 +49,13 @@ _CHANNEL_MESSAGE_BYTES = 16 << 20
 # and fails calls at once meanwhile: a client used through a server restart would stay
 # unavailable long after the server came back. A few seconds' cap keeps that short.
 _MAX_RECONNECT_BACKOFF_MS = 2000
+# Retrying UNAVAILABLE: the first pause, doubled after each attempt up to the cap (each
+# with +-20% jitter, so that clients cut off together do not come back together), for
+# as long as the call's deadline leaves room. The cap matches the channel's reconnection
+# backoff: retrying faster than the channel reconnects only fails faster.
+_FIRST_RETRY_PAUSE = 0.05
+_MAX_RETRY_PAUSE = _MAX_RECONNECT_BACKOFF_MS / 1000
+_REGISTRATION_SUFFIX = ".registration"
 
 
 def _pem(source: PemSource | None) -> bytes | None:
@@ -62,15 +76,76 @@ class TransferStats:
     last_score_seconds: float = 0.0
     last_decrypt_seconds: float = 0.0
     last_keygen_seconds: float = 0.0
+    retries: int = 0
+    """Calls made again after UNAVAILABLE (a restart, a worker that died)."""
+    catalog_refreshes: int = 0
+    """Catalog information read again after the server refused a stale version."""
 
 
 @dataclass
 class _Session:
-    """Per-connection state: the secret context and the key_id it registered."""
+    """Per-connection state: the secret context and the key_id it registered.
+
+    `key_id_restored`: the key_id came from the key file's registration record, not
+    from a registration of this client: the server may have forgotten it, or it may
+    belong to another token, and either refusal just means registering anew."""
 
     secret: SecretContext
     key_id: str = ""
+    key_id_restored: bool = False
     item_ids: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+
+class RegistrationRecord:
+    """The key_ids a key pair is registered under, by server, beside its key file.
+
+    `<key_file>.registration` holds JSON: for each target, the key_id and when the
+    server forgets it if unused (its idle TTL, from the last use this client saw). A
+    later client with the same key file and server uses the key_id until then instead
+    of uploading the Galois keys again. A key_id gives nothing without the secret key
+    (scores come back encrypted under it), which sits in the file next to it; the
+    record is owner-only all the same, and a record that cannot be read is ignored.
+    """
+
+    def __init__(self, key_file: Path) -> None:
+        self.path = key_file.with_name(key_file.name + _REGISTRATION_SUFFIX)
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def key_id(self, target: str) -> str:
+        """The key_id registered at `target`, if the server should still hold it."""
+        entry = self._entries().get(target)
+        if not isinstance(entry, dict):
+            return ""
+        key_id, expires = entry.get("key_id"), entry.get("expires_at")
+        if not isinstance(key_id, str) or not isinstance(expires, int | float):
+            return ""
+        return key_id if expires > time.time() else ""
+
+    def save(self, target: str, key_id: str, ttl_seconds: float) -> None:
+        entries = self._entries()
+        entries[target] = {"key_id": key_id, "expires_at": time.time() + ttl_seconds}
+        self._write(entries)
+
+    def forget(self, target: str) -> None:
+        entries = self._entries()
+        if entries.pop(target, None) is not None:
+            self._write(entries)
+
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Replace the record at once (a new owner-only file renamed over it)."""
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(temporary, flags, 0o600), "w") as out:
+            json.dump(entries, out)
+        os.replace(temporary, self.path)
 
 
 class Client:
@@ -78,7 +153,23 @@ class Client:
 
     `key_file`: where to keep the key pair across runs. If the file exists its key
     pair is used (it must match the server's parameters); if not, a new one is
-    made and saved there. Without it, a fresh key pair lives in memory only.
+    made and saved there. Without it, a fresh key pair lives in memory only. With a
+    key file, the registration is kept too (see `RegistrationRecord`): the next client
+    with that file re-uses the key_id until the server's idle TTL would have dropped it.
+
+    `forget_keys_on_close`: erase the keys on the server at `close()` (right to
+    erasure). Default: yes without a key file, no with one (the registration is kept
+    for the next run; `delete_keys()` erases it explicitly).
+
+    Failures and retries: a call refused as UNAVAILABLE (the server restarting, a worker
+    process that died) is made again after a pause, doubling from 50 ms up to 2 s, for as
+    long as its deadline leaves room (`retry_unavailable=False`: not). Every call the
+    client makes is idempotent (a Score is a pure function of its query; RegisterKeys
+    of the same bytes gives the same key_id). The first call, in the constructor, is
+    not retried, so that a wrong address or TLS setting fails at once. A catalog that
+    changed version (a restart or a reload with other content) is read again and the
+    call retried once; keys the server forgot are registered again. Errors are
+    HeserveError subclasses, one per status and ErrorInfo reason.
 
     Connection: `token` is sent as `authorization: Bearer <token>` on every call.
     TLS is used when `tls` is true or any `tls_*` option is given: `tls_ca` is the CA
@@ -99,7 +190,8 @@ class Client:
         key_file: str | os.PathLike[str] | None = None,
         timeout: float = 120.0,
         channel: grpc.Channel | None = None,
-        forget_keys_on_close: bool = True,
+        forget_keys_on_close: bool | None = None,
+        retry_unavailable: bool = True,
         token: str | None = None,
         tls: bool = False,
         tls_ca: PemSource | None = None,
@@ -113,7 +205,11 @@ class Client:
         if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
             raise ValueError("the API token is empty or contains spaces")
         self.timeout = timeout
-        self.forget_keys_on_close = forget_keys_on_close
+        self.forget_keys_on_close = (
+            key_file is None if forget_keys_on_close is None else forget_keys_on_close
+        )
+        self.retry_unavailable = retry_unavailable
+        self._connected = False  # retries begin once the server has answered once
         self.stats = TransferStats()
         self.last_request_id = ""
         self.max_message_bytes = max_message_bytes
@@ -138,6 +234,7 @@ class Client:
             if self._owns_channel:
                 self._channel.close()
             raise
+        self._connected = True
         announced = self.server_info.limits.max_message_bytes
         if self._owns_channel and announced > self.max_message_bytes:
             self._channel.close()  # reopen with room for the server's largest message
@@ -147,6 +244,11 @@ class Client:
         self.params: CkksParameters = parameters_from_message(self.server_info.ckks)
         self._session = _Session(self._secret_context(key_file))
         self._catalogs: dict[str, CatalogInfo] = {}
+        self._record = None if key_file is None else RegistrationRecord(Path(key_file))
+        if self._record is not None:
+            self._session.key_id = self._record.key_id(self._target)
+            self._session.key_id_restored = bool(self._session.key_id)
+        self._key_ttl = float(self.server_info.key_retention.ttl_seconds)
 
     def _secret_context(self, key_file: str | os.PathLike[str] | None) -> SecretContext:
         if key_file is None:
@@ -175,11 +277,16 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Ask the server to forget this client's keys (by default), then close."""
+        """Erase this client's keys on the server if `forget_keys_on_close`, else keep the
+        registration in the key file's record (until the TTL); then close the channel."""
         if self.forget_keys_on_close and self._session.key_id:
             # the server may be gone or may have forgotten already: nothing left to erase
             with contextlib.suppress(HeserveError):
                 self.delete_keys()
+        elif self._record is not None and self._session.key_id:
+            # the server's idle TTL runs from the last use, which was at most now
+            with contextlib.suppress(OSError):
+                self._record.save(self._target, self._session.key_id, self._key_ttl)
         self._channel.close()
 
     def _open_channel(self) -> grpc.Channel:
@@ -209,9 +316,38 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def _rpc(self, method: Callable[..., T], request: Any) -> T:
-        """Call a stub method with the deadline and the metadata, mapping gRPC errors."""
-        return self._call(method, request, timeout=self.timeout, metadata=self._metadata())
+    def _retrying(self, attempt: Callable[[float], T]) -> T:
+        """`attempt(seconds_left)` until it succeeds, made again after UNAVAILABLE with
+        capped exponential backoff while the call's deadline (`timeout`) leaves room."""
+        deadline = time.monotonic() + self.timeout
+        pause = _FIRST_RETRY_PAUSE
+        while True:
+            try:
+                return attempt(max(0.001, deadline - time.monotonic()))
+            except ServerUnavailableError as error:
+                retryable = (
+                    self.retry_unavailable
+                    and self._connected
+                    and error.code == grpc.StatusCode.UNAVAILABLE
+                )
+                wait = min(pause, _MAX_RETRY_PAUSE) * random.uniform(0.8, 1.2)
+                if not retryable or time.monotonic() + wait >= deadline:
+                    raise
+                log.info("call unavailable (%s); retrying in %.2f s", error, wait)
+                self.stats.retries += 1
+                time.sleep(wait)
+                pause *= 2
+
+    def _rpc(self, method: Callable[..., T], request: Any | Callable[[], Any]) -> T:
+        """Call a stub method with the deadline and the metadata, mapping gRPC errors and
+        retrying UNAVAILABLE. `request` may be a function making it (a stream of request
+        messages cannot be sent twice)."""
+
+        def attempt(seconds: float) -> T:
+            message = request() if callable(request) else request
+            return self._call(method, message, timeout=seconds, metadata=self._metadata())
+
+        return self._retrying(attempt)
 
     def catalogs(self) -> list[CatalogInfo]:
         """Every catalog the server serves, fetched page by page."""
@@ -232,14 +368,19 @@ class Client:
         if name not in self._catalogs:
             self.catalogs()
         if name not in self._catalogs:
+            served = ", ".join(repr(known) for known in sorted(self._catalogs)) or "none"
             raise NotFoundError(
-                f"the server has no catalog named {name!r}", grpc.StatusCode.NOT_FOUND
+                f"the server has no catalog named {name!r} (it serves: {served})",
+                grpc.StatusCode.NOT_FOUND,
             )
         return self._catalogs[name]
 
     def item_ids(self, catalog: str) -> list[str]:
         """All item ids of a catalog in catalog order (cached per catalog version)."""
-        info = self.catalog(catalog)
+        return self._item_ids(self.catalog(catalog))
+
+    def _item_ids(self, info: CatalogInfo) -> list[str]:
+        catalog = info.name
         cached = self._session.item_ids.get((catalog, info.version))
         if cached is not None:
             return cached
@@ -273,10 +414,15 @@ class Client:
                     galois_keys_chunk=blob[start : start + _KEY_CHUNK_BYTES]
                 )
 
-        reply = self._rpc(self._stub.RegisterKeys, chunks())
+        reply = self._rpc(self._stub.RegisterKeys, chunks)
         self.stats.key_bytes_sent += len(blob)
         self.stats.registrations += 1
         self._session.key_id = reply.key_id
+        self._session.key_id_restored = False
+        if reply.ttl_seconds:
+            self._key_ttl = float(reply.ttl_seconds)
+        if self._record is not None:
+            self._record.save(self._target, reply.key_id, self._key_ttl)
         return str(reply.key_id)
 
     def delete_keys(self) -> bool:
@@ -284,6 +430,8 @@ class Client:
         if not self._session.key_id:
             return False
         key_id, self._session.key_id = self._session.key_id, ""
+        if self._record is not None:
+            self._record.forget(self._target)
         reply = self._rpc(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id))
         return bool(reply.deleted)
 
@@ -310,7 +458,36 @@ class Client:
         (ServerInfo.limits.max_queries_per_request), and each call scores all of its
         vectors in one pass over the catalog: much cheaper than one call each.
         """
+        return self._score_many(vectors, catalog, item_ids)[1]
+
+    def _score_many(
+        self,
+        vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
+        catalog: str,
+        item_ids: Sequence[str] | None,
+    ) -> tuple[CatalogInfo, list[npt.NDArray[np.float64]]]:
+        """The scores, and the catalog information (version) they were computed under.
+
+        If the server refuses the version the client knew (the catalog changed: a
+        restart or a reload with other content), the client reads the catalog's
+        information again and scores once more, under the new version."""
         info = self.catalog(catalog)
+        try:
+            return info, self._score_under(info, vectors, item_ids)
+        except StaleCatalogError:
+            self.catalogs()
+            self.stats.catalog_refreshes += 1
+            fresh = self.catalog(catalog)
+            log.info("catalog %r changed version %s -> %s", catalog, info.version, fresh.version)
+            return fresh, self._score_under(fresh, vectors, item_ids)
+
+    def _score_under(
+        self,
+        info: CatalogInfo,
+        vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
+        item_ids: Sequence[str] | None,
+    ) -> list[npt.NDArray[np.float64]]:
+        catalog = info.name
         encrypted: list[bytes] = []
         started = time.perf_counter()
         for vector in vectors:
@@ -346,13 +523,14 @@ class Client:
     def _score_registered(
         self, request: pb.ScoreRequest, expected: int, queries: int
     ) -> list[npt.NDArray[np.float64]]:
-        """One Score call, registering the keys first (or again, if the server forgot them)."""
+        """One Score call, registering the keys first (or again, if the server forgot them,
+        or if a key_id kept from an earlier run is not this caller's to use)."""
         if not self._session.key_id:
             self.register_keys()
         try:
             return self._score_once(request, expected, queries)
-        except HeserveError as error:
-            if error.reason != KEY_NOT_FOUND:
+        except (KeyNotFoundError, PermissionDeniedError) as error:
+            if isinstance(error, PermissionDeniedError) and not self._session.key_id_restored:
                 raise
             self.register_keys()  # the server forgot our keys (expiry, restart): once more
             return self._score_once(request, expected, queries)
@@ -361,15 +539,15 @@ class Client:
         self, request: pb.ScoreRequest, expected: int, queries: int
     ) -> list[npt.NDArray[np.float64]]:
         request.key_id = self._session.key_id
-        scores = [np.empty(expected) for _ in range(queries)]
-        covered = [0] * queries
-        received = 0
-        decrypting = 0.0
         max_bytes = self.server_info.limits.max_message_bytes
+        totals = {"received": 0, "decrypting": 0.0}
 
-        def consume() -> None:
-            nonlocal received, decrypting
-            replies = self._stub.Score(request, timeout=self.timeout, metadata=self._metadata())
+        def consume(seconds: float) -> list[npt.NDArray[np.float64]]:
+            """One attempt: a retry starts over, from the first response."""
+            scores = [np.empty(expected) for _ in range(queries)]
+            covered = [0] * queries
+            totals["received"] = 0
+            replies = self._stub.Score(request, timeout=seconds, metadata=self._metadata())
             for reply in replies:
                 if reply.offset + reply.count > expected or reply.query_index >= queries:
                     raise HeserveError("the server returned scores past the end of the request")
@@ -377,15 +555,17 @@ class Client:
                 values = unpack_complex(
                     self._session.secret.decrypt_complex(reply.scores, max_bytes), reply.count
                 )
-                decrypting += time.perf_counter() - started
+                totals["decrypting"] += time.perf_counter() - started
                 scores[reply.query_index][reply.offset : reply.offset + reply.count] = values
-                received += len(reply.scores)
+                totals["received"] += len(reply.scores)
                 covered[reply.query_index] += reply.count
             if covered != [expected] * queries:
                 raise HeserveError(f"the server returned {covered} scores for {expected} items")
+            return scores
 
         started = time.perf_counter()
-        self._call(consume)
+        scores = self._retrying(lambda seconds: self._call(consume, seconds))
+        decrypting, received = float(totals["decrypting"]), int(totals["received"])
         sent = len(request.query) + sum(len(query) for query in request.more_queries)
         self.stats.last_decrypt_seconds = decrypting
         self.stats.last_score_seconds = time.perf_counter() - started - decrypting
@@ -396,10 +576,16 @@ class Client:
         return scores
 
     def recommend(
-        self, vector: npt.ArrayLike, *, catalog: str, k: int = 10
+        self,
+        vector: npt.ArrayLike,
+        *,
+        catalog: str,
+        k: int = 10,
+        item_ids: Sequence[str] | None = None,
     ) -> list[tuple[str, float]]:
-        """The k best items for `vector`, best first, ranked here on decrypted scores."""
-        return self.recommend_many([vector], catalog=catalog, k=k)[0]
+        """The k best items for `vector`, best first, ranked here on decrypted scores;
+        among `item_ids` only, if given (re-ranking candidates from elsewhere)."""
+        return self.recommend_many([vector], catalog=catalog, k=k, item_ids=item_ids)[0]
 
     def recommend_many(
         self,
@@ -407,12 +593,13 @@ class Client:
         *,
         catalog: str,
         k: int = 10,
+        item_ids: Sequence[str] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """`recommend` for several vectors, scored together (see `score_many`)."""
         if k < 1:
             raise ValueError("k must be at least 1")
-        all_scores = self.score_many(vectors, catalog=catalog)
-        ids = self.item_ids(catalog) if all_scores else []
+        info, all_scores = self._score_many(vectors, catalog, item_ids)
+        ids = list(item_ids) if item_ids else (self._item_ids(info) if all_scores else [])
         rankings = []
         for scores in all_scores:
             top = min(k, len(scores))
