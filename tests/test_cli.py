@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -54,6 +55,7 @@ class Served:
     process: subprocess.Popen[str]
     catalogs: int
     target: str
+    line: str = ""
 
 
 def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
@@ -92,6 +94,7 @@ def serve(tmp_path: Path, servers: list[Served], *args: str) -> Served:
     match = SERVING_LINE.match(line.strip())
     assert match, f"unexpected first line {line!r}"
     served.catalogs, served.target = int(match[1]), f"{match[2]}:{match[3]}"
+    served.line = line.strip()
     return served
 
 
@@ -162,6 +165,11 @@ def test_serve_health_reflection_recommend_and_graceful_sigterm(
     )
     assert served.catalogs == 1
     assert served.target.startswith("127.0.0.1:")
+    if workers:  # --workers 0: no "1 process shard(s)", which would be a worker process
+        assert "scoring in the server process (no workers)" in served.line
+        assert "shard" not in served.line
+    else:
+        assert re.search(r"\b\d+ worker process shard\(s\)", served.line), served.line
 
     with grpc.insecure_channel(served.target) as channel:
         grpc.channel_ready_future(channel).result(timeout=STARTUP_SECONDS)
@@ -258,7 +266,7 @@ def test_serve_refuses_bad_catalogs_with_one_line(tmp_path: Path, case: str) -> 
 
     result = heserve("serve", "--port", "0", *args, cwd=tmp_path)
 
-    assert result.returncode == 2
+    assert result.returncode == 2  # the command cannot run as given
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -287,3 +295,123 @@ def test_demo_agrees_with_plaintext_and_reports_bytes_and_timings(tmp_path: Path
         assert re.search(rf"->\s+\w+\s+{direction}\s+[\d,]+\.\d+ (KiB|MiB)$", out, re.M), direction
     for step in ("client: encrypt query", "server: score + stream back", "recommend, end to end"):
         assert re.search(rf"^\s+{re.escape(step)}\s+\d+\.\d{{3}}$", out, re.M), step
+
+
+# --- operating the CLI (issue 12, items 3 and 7) ------------------------------------------
+
+
+def test_recommend_help_describes_the_command_its_options_and_exit_statuses(
+    tmp_path: Path,
+) -> None:
+    result = heserve("recommend", "--help", cwd=tmp_path)
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "the server never sees the vector nor the scores" in text.lower()
+    for flag, words in [
+        ("--server HOST:PORT", "address of the heserve server"),
+        ("--catalog NAME", "catalog to rank"),
+        ("-k N", "how many items to print"),
+        ("--vector PATH", "text numbers separated by blanks or commas"),
+        ("--item-ids PATH", "re-rank only these candidates"),
+        ("--key-file PATH", "do not upload the keys again"),
+    ]:
+        assert f"{flag} {words}" in text or (flag in text and words in text), flag
+    assert "75 the server could not be reached" in text
+    assert "2 the command cannot run as given" in text
+
+
+@pytest.fixture
+def json_server(
+    tmp_path: Path, servers: list[Served], small_catalog: tuple[np.ndarray, list[str]]
+) -> Served:
+    return serve(
+        tmp_path, servers, "--catalog", "shop=shop.npy", "--ids", "shop=shop.txt",
+        "--workers", "2", "--log-format", "json",
+    )  # fmt: skip
+
+
+def test_with_json_logs_every_line_on_standard_error_is_a_json_object(
+    tmp_path: Path, json_server: Served, small_catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    np.save(tmp_path / "u.npy", unit_rows(1, 20, seed=33)[0])
+    result = heserve(
+        "recommend", "--server", json_server.target, "--catalog", "shop", "--vector", "u.npy",
+        "--log-format", "json", "--log-level", "INFO", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    json_server.process.send_signal(signal.SIGTERM)
+    assert json_server.process.wait(timeout=30) == 0
+
+    records = []
+    for stream in ((tmp_path / "serve.stderr").read_text(), result.stderr):
+        for number, line in enumerate(stream.splitlines(), 1):
+            record = json.loads(line)  # every line, or this fails naming it
+            assert isinstance(record, dict), (number, line)
+            assert {"ts", "level", "logger", "msg"} <= record.keys(), (number, line)
+            records.append(record)
+    progress = [r for r in records if r["logger"] == "heserve.progress"]
+    assert progress, "catalog encoding showed no progress records"
+    assert progress[-1]["task"] == "encoding catalog 'shop'"
+    assert progress[-1]["done"] == progress[-1]["total"] > 0
+
+
+def test_recommend_re_ranks_candidates_and_reads_text_vectors(
+    tmp_path: Path, json_server: Served, small_catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    embeddings, ids = small_catalog
+    user = unit_rows(1, 20, seed=34)[0]
+    (tmp_path / "u.txt").write_text(", ".join(f"{x:.17g}" for x in user) + "\n")
+    candidates = [ids[i] for i in (7, 70, 140, 210, 280)]
+    (tmp_path / "candidates.txt").write_text("\n".join(candidates) + "\n")
+
+    result = heserve(
+        "recommend", "--server", json_server.target, "--catalog", "shop",
+        "--vector", "u.txt", "--item-ids", "candidates.txt", "-k", "3", cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    rows = [RANK_LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(rows), result.stdout
+    plain = {item: float(embeddings[ids.index(item)] @ user) for item in candidates}
+    expected = sorted(candidates, key=lambda item: -plain[item])[:3]
+    assert [m[2] for m in rows if m] == expected
+    np.testing.assert_allclose(
+        [float(m[3]) for m in rows if m], [plain[i] for i in expected], atol=1e-4
+    )
+
+
+def test_recommend_exit_statuses_and_one_line_errors(tmp_path: Path, json_server: Served) -> None:
+    np.save(tmp_path / "u.npy", unit_rows(1, 20, seed=35)[0])
+    (tmp_path / "garbage.bin").write_bytes(b"\x00\x01not numbers\xff")
+    np.save(tmp_path / "objects.npy", np.array(["a", 1], dtype=object), allow_pickle=True)
+    base = ["recommend", "--server", json_server.target, "--vector", "u.npy"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = heserve(*args, cwd=tmp_path)
+        assert result.stdout == ""
+        assert result.stderr.startswith("heserve: error: "), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        return result
+
+    unknown = run(*base, "--catalog", "films")
+    assert unknown.returncode == 1  # the server was asked, and has no such catalog
+    assert "no catalog named 'films' (it serves: 'shop')" in unknown.stderr
+
+    garbage = run(*base[:-1], "garbage.bin", "--catalog", "shop")
+    assert garbage.returncode == 2
+    assert "neither a .npy file nor numbers" in garbage.stderr
+
+    objects = run(*base[:-1], "objects.npy", "--catalog", "shop")
+    assert objects.returncode == 2
+    assert "a .npy of numbers is needed" in objects.stderr
+
+    # --log-level after the command's name is the command's own option
+    level = heserve(*base, "--catalog", "shop", "--log-level", "ERROR", "-k", "1", cwd=tmp_path)
+    assert level.returncode == 0, level.stderr
+
+    json_server.process.send_signal(signal.SIGTERM)
+    assert json_server.process.wait(timeout=30) == 0
+    gone = run(*base, "--catalog", "shop")
+    assert gone.returncode == 75  # nobody there: try again later
+    assert "UNAVAILABLE" in gone.stderr

@@ -1,10 +1,17 @@
-"""The `heserve` command: serve, demo, recommend."""
+"""The `heserve` command: serve, demo, recommend.
+
+Exit status: 0 success; 1 the command ran and failed (the server refused the request,
+or an internal error); 2 the command cannot run as given (flags, settings, or a file
+they name: catalog, ids, vector, token, key, certificate); 75 (EX_TEMPFAIL) the server
+could not be reached or did not answer in time, so trying again later may work.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +58,17 @@ def _backend(settings: config.Settings, params: CkksParameters) -> Backend:
     return PoolBackend(params, settings.workers, budget)
 
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 75  # sysexits EX_TEMPFAIL: a temporary failure, worth retrying
+_EXIT_STATUS = f"""exit status:
+  0   success
+  1   the command ran and failed (e.g. the server refused the request)
+  2   the command cannot run as given: flags, settings, or a file they name
+  {EXIT_UNAVAILABLE}  the server could not be reached or did not answer in time: try again later
+"""
+
+
 def _scorer(
     catalogs: list[Catalog],
     retention: KeyRetentionPolicy,
@@ -58,8 +76,12 @@ def _scorer(
     backend: Backend,
     limits: SizeLimits | None = None,
     protection: ScoreProtection | None = None,
+    log_format: str = "text",
 ) -> Scorer:
-    bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}") for c in catalogs}
+    """A Scorer for `catalogs`, its encoding progress shown as a bar on a terminal when
+    the logs are text, else as log records (one format on standard error)."""
+    draw = log_format == "text"
+    bars = {c.name: ProgressBar(f"encoding catalog {c.name!r}", draw=draw) for c in catalogs}
     current = iter(catalogs)
     active = [next(current)]
 
@@ -103,7 +125,9 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     try:
         limits = SizeLimits(max_message_bytes=settings.max_message_bytes)
         protection = ScoreProtection(settings.flood_bits, settings.score_noise_std)
-        scorer = _scorer(catalogs, retention, params, backend, limits, protection)
+        scorer = _scorer(
+            catalogs, retention, params, backend, limits, protection, settings.log_format
+        )
         running = start_server(
             scorer,
             settings.host,
@@ -116,10 +140,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.metrics_host,
         )
-        features = [
-            f"preset {settings.preset}",
-            f"{backend.shard_count} {settings.backend} shard(s)",
-        ]
+        features = [f"preset {settings.preset}", _shards(backend, settings)]
         if protection.enabled:
             features.append(
                 f"noise: flood {settings.flood_bits} bits, score std {settings.score_noise_std:g}"
@@ -141,6 +162,14 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _shards(backend: Backend, settings: config.Settings) -> str:
+    """Where the catalogs are scored, for the start-up line."""
+    if isinstance(backend, LocalBackend):
+        return "scoring in the server process (no workers)"
+    kind = "worker process" if settings.backend == "process" else "Ray actor"
+    return f"{backend.shard_count} {kind} shard(s)"
+
+
 def _print_ranking(rows: Sequence[tuple[str, float]]) -> None:
     for rank, (item_id, score) in enumerate(rows, 1):
         print(f"{rank:>4}  {item_id:<24} {score:+.6f}")
@@ -158,25 +187,72 @@ def _client_token(path: Path | None) -> str | None:
 
 
 class CommandError(Exception):
-    """A command failed for a reason its user can act on; printed as one line."""
+    """A command failed for a reason its user can act on; printed as one line, and the
+    process exits with `status`."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @contextlib.contextmanager
 def _client_errors() -> Iterator[None]:
     """heserve_client's errors as CommandError: the client is imported only by the
     commands that run it, so that serving never loads it."""
-    from heserve_client import HeserveError
+    from heserve_client import HeserveError, ServerUnavailableError
 
     try:
         yield
+    except ServerUnavailableError as exc:
+        raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
     except HeserveError as exc:
         raise CommandError(str(exc)) from None
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_vector(path: Path) -> np.ndarray:
+    """A user vector from `path`: a .npy array, or text numbers separated by blanks,
+    commas or new lines (what `numpy.savetxt` or a spreadsheet writes)."""
+    data = path.read_bytes()
+    if data.startswith(_NPY_MAGIC):
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except ValueError as exc:  # object arrays would need pickle, which is never loaded
+            raise ValueError(
+                f"{path}: a .npy of numbers is needed ({exc}); save it with "
+                "np.save(path, np.asarray(vector, dtype=np.float64))"
+            ) from None
+    else:
+        fields = [field for field in re.split(rb"[\s,;]+", data) if field]
+        try:
+            vector = np.array([float(field) for field in fields], dtype=np.float64)
+        except ValueError:
+            raise ValueError(
+                f"{path}: neither a .npy file nor numbers separated by blanks or commas"
+            ) from None
+    vector = np.asarray(vector, dtype=np.float64).squeeze()
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"{path}: a vector is one row of numbers; this has shape {vector.shape}")
+    return vector
+
+
+def _read_item_ids(path: Path) -> list[str]:
+    """Candidate ids, one a line (blank lines skipped)."""
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: no item ids (one a line)")
+    return ids
 
 
 def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
     from heserve_client import Client
 
-    vector = np.load(args.vector, allow_pickle=False)
+    vector = load_vector(args.vector)
+    candidates = None if args.item_ids is None else _read_item_ids(args.item_ids)
+    if args.k < 1:
+        raise config.ConfigError("-k: must be at least 1")
     with (
         _client_errors(),
         Client(
@@ -190,7 +266,8 @@ def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
             tls_server_name=args.tls_server_name,
         ) as client,
     ):
-        _print_ranking(client.recommend(vector, catalog=args.catalog, k=args.k))
+        ranking = client.recommend(vector, catalog=args.catalog, k=args.k, item_ids=candidates)
+        _print_ranking(ranking)
     return 0
 
 
@@ -205,7 +282,9 @@ def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
     params = PRESETS[settings.preset]
     backend = _backend(settings, params)
     started = time.perf_counter()
-    scorer = _scorer([catalog], KeyRetentionPolicy(), params, backend)
+    scorer = _scorer(
+        [catalog], KeyRetentionPolicy(), params, backend, log_format=settings.log_format
+    )
     encode_seconds = time.perf_counter() - started
     running = start_server(scorer, "127.0.0.1", 0)
     user = unit_rows(1, args.dimension, seed=args.seed)[0]
@@ -270,7 +349,7 @@ def _command(
         name,
         help=summary,
         description=summary[0].upper() + summary[1:] + ".",
-        epilog=options.epilog(),
+        epilog=options.epilog() + "\n" + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--tokens SECRET` must not pass for `--tokens-file SECRET`
     )
@@ -283,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heserve",
         description="Privacy-preserving recommendation scoring with CKKS.",
+        epilog=_EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"heserve {__version__}")
@@ -306,16 +387,49 @@ def build_parser() -> argparse.ArgumentParser:
         config.RECOMMEND,
         "recommend items from a running server",
     )
-    recommend.add_argument("--server", required=True, metavar="HOST:PORT")
-    recommend.add_argument("--catalog", required=True)
-    recommend.add_argument("--vector", required=True, type=Path, help="user vector, .npy")
-    recommend.add_argument("-k", type=int, default=10)
+    recommend.description = (
+        "Recommend items from a running server: encrypt the user vector here, have the "
+        "server score the catalog (or the --item-ids candidates) under encryption, decrypt "
+        "the scores here and print the best k, one a line: rank, item id, score. The "
+        "server never sees the vector nor the scores."
+    )
     recommend.add_argument(
-        "--key-file", type=Path, help="keep the key pair in this file across runs"
+        "--server", required=True, metavar="HOST:PORT", help="address of the heserve server"
+    )
+    recommend.add_argument(
+        "--catalog",
+        required=True,
+        metavar="NAME",
+        help="catalog to rank (an unknown name is answered with the ones the server serves)",
+    )
+    recommend.add_argument(
+        "--vector",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="user vector: a .npy file, or text numbers separated by blanks or commas",
+    )
+    recommend.add_argument(
+        "-k", type=int, default=10, metavar="N", help="how many items to print (default: 10)"
+    )
+    recommend.add_argument(
+        "--item-ids",
+        type=Path,
+        metavar="PATH",
+        help="re-rank only these candidates: a file of item ids, one a line",
+    )
+    recommend.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="keep the key pair in this file across runs, and the server's registration "
+        "of it beside it (PATH.registration), so that later runs do not upload the keys "
+        "again until the server's key TTL",
     )
     recommend.add_argument(
         "--token-file",
         type=Path,
+        metavar="PATH",
         help="file holding the API token (default: the HESERVE_TOKEN variable, if set)",
     )
     recommend.add_argument(
@@ -345,9 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = options.resolve(args, os.environ)
         logs.configure(settings.log_level, settings.log_format)
         return handler(args, settings)
-    except (CatalogError, OSError, ValueError, CommandError) as exc:
+    except CommandError as exc:
         print(f"heserve: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.status
+    except (CatalogError, OSError, ValueError) as exc:  # settings, or files they name
+        print(f"heserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
