@@ -193,14 +193,22 @@ class QueryBudget:
         self._windows: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def charge(self, name: str) -> float | None:
-        """Count one query for `name`: None if allowed, else seconds until the budget renews."""
+    def charge(self, name: str, count: int = 1) -> float | None:
+        """Count `count` queries for `name`, all or none: None if allowed, else seconds
+        until the budget renews."""
         now = self._clock()
         with self._lock:
             start, used = self._windows.get(name, (now, 0))
             if now - start >= self.window_seconds:
                 start, used = now, 0
-            if used >= self.limit:
+            if used + count > self.limit:
                 return start + self.window_seconds - now
-            self._windows[name] = (start, used + 1)
+            self._windows[name] = (start, used + count)
             return None
+
+    def refund(self, name: str, count: int = 1) -> None:
+        """Give back `count` queries charged in the current window (a call that failed
+        for a reason that was not the caller's use of the service: its keys had expired)."""
+        with self._lock:
+            start, used = self._windows.get(name, (self._clock(), 0))
+            self._windows[name] = (start, max(0, used - count))

@@ -41,9 +41,23 @@ class CallInfo:
 _current: ContextVar[CallInfo | None] = ContextVar("heserve_call", default=None)
 
 
+_refusal_reason: ContextVar[str] = ContextVar("heserve_refusal_reason", default="")
+
+
+def note_refusal(reason: str) -> None:
+    """Record the ErrorInfo reason of the refusal this thread's call ends with."""
+    _refusal_reason.set(reason)
+
+
+def refusal_reason() -> str:
+    """The reason noted by `note_refusal` for this thread's call ("" if none)."""
+    return _refusal_reason.get()
+
+
 def bind_call(info: CallInfo) -> None:
     """Make `info` the call this thread (or task) is serving."""
     _current.set(info)
+    _refusal_reason.set("")
 
 
 def current_call() -> CallInfo | None:

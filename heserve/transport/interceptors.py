@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from heserve.protocol.reasons import KEY_NOT_FOUND
 from heserve.transport.auth import ANONYMOUS, Authenticator, QueryBudget
 from heserve.transport.context import (
     REQUEST_ID_KEY,
@@ -37,6 +38,7 @@ from heserve.transport.context import (
     bind_call,
     bind_caller,
     current_call,
+    refusal_reason,
     request_id_of,
 )
 from heserve.transport.metrics import Metrics
@@ -446,8 +448,14 @@ class AuthenticationInterceptor(_ServedMethodInterceptor):
 
 
 class QueryBudgetInterceptor(_ServedMethodInterceptor):
-    """Charges each Score call to its caller's budget; refuses one past it with
-    RESOURCE_EXHAUSTED. Nothing else is charged, nor a call nobody is known to make."""
+    """Charges each query of a Score call to its caller's budget; refuses a call past it
+    with RESOURCE_EXHAUSTED. Nothing else is charged, nor a call nobody is known to make.
+
+    The first query is charged from the metadata, before the request is read; the
+    request's `more_queries` once it is read. A call that fails because the server no
+    longer holds its keys (KEY_NOT_FOUND: expired, evicted, a restart) is refunded:
+    the client registers again and retries, and one answer must not cost two.
+    """
 
     def __init__(self, budget: QueryBudget) -> None:
         self.budget = budget
@@ -459,9 +467,39 @@ class QueryBudgetInterceptor(_ServedMethodInterceptor):
             return handler
         wait = self.budget.charge(caller.name)
         if wait is None:
-            return handler
-        return refusal(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"query budget spent: {self.budget.limit} Score calls per "
-            f"{self.budget.window_seconds:g} s; it renews in {wait:.0f} s",
-        )
+            return observed(handler, _ChargedScore(self.budget, caller.name))
+        return refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, _spent(self.budget, wait))
+
+
+def _spent(budget: QueryBudget, wait: float) -> str:
+    return (
+        f"query budget spent: {budget.limit} Score calls per "
+        f"{budget.window_seconds:g} s; it renews in {wait:.0f} s"
+    )
+
+
+class _ChargedScore(CallObserver):
+    """One admitted Score call: charges its further queries, refunds a call that failed
+    on missing keys."""
+
+    def __init__(self, budget: QueryBudget, name: str) -> None:
+        self.budget, self.name = budget, name
+        self.charged = 1
+        self.context: grpc.ServicerContext | None = None
+
+    def started(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+
+    def received(self, message: Any) -> None:
+        more = len(getattr(message, "more_queries", ()))
+        if more and self.context is not None:
+            wait = self.budget.charge(self.name, more)
+            if wait is not None:  # refused whole: give back the first query's charge too
+                self.budget.refund(self.name, self.charged)
+                self.charged = 0
+                self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _spent(self.budget, wait))
+            self.charged += more
+
+    def ended(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        if refusal_reason() == KEY_NOT_FOUND:
+            self.budget.refund(self.name, self.charged)

@@ -27,7 +27,7 @@ from heserve.protocol import convert
 from heserve.protocol.convert import CatalogInfo
 from heserve.protocol.reasons import ERROR_DOMAIN
 from heserve.transport.auth import check_owner
-from heserve.transport.context import current_caller
+from heserve.transport.context import current_caller, note_refusal
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -43,6 +43,7 @@ def _abort_on_service_error(handler: Handler) -> Handler:
 
     def abort(context: grpc.ServicerContext, exc: ServiceError) -> None:
         log.info("%s refused: %s %s", handler.__name__, exc.status, exc)
+        note_refusal(exc.reason)
         code = getattr(grpc.StatusCode, exc.status)
         status = status_pb2.Status(code=code.value[0], message=str(exc))
         if exc.reason:
