@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from heserve.backends.pool_worker import (
     ScoreShard,
     Stop,
     ToWorker,
+    resident_bytes,
     serve_worker,
 )
 from heserve.backends.shard import ShardQuery
@@ -128,6 +130,10 @@ class PoolBackend:
         """The process id of each shard's current worker, in shard order."""
         return [worker.process.pid or 0 for worker in self._workers]
 
+    def shard_memory(self) -> list[int | None]:
+        """Resident bytes of each shard's worker process, in shard order (None: gone)."""
+        return [resident_bytes(pid) if pid else None for pid in self.worker_pids()]
+
     def worker_keys(self) -> list[set[str]]:
         """The key_ids each shard's current worker holds, in shard order."""
         return [set(worker.keys_held) for worker in self._workers]
@@ -142,7 +148,7 @@ class PoolBackend:
         cancelled = self._context.RawValue(ctypes.c_int64, 0)
         process = self._context.Process(
             target=serve_worker,
-            args=(back, self.params, cancelled),
+            args=(back, self.params, cancelled, f"heserve-shard{index}"),
             name=f"heserve-worker-{index}",
             daemon=True,
         )
@@ -175,10 +181,28 @@ class PoolBackend:
             self._replace(worker)
 
     def _replace(self, dead: _Worker) -> None:
-        log.warning(
-            "worker %s died (exit code %s); replacing it", dead.process.name, dead.process.exitcode
+        dead.process.join(timeout=5)  # reaped first: its exit status says how it died
+        code = dead.process.exitcode
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0 and -code in signal.valid_signals()
+            else f"exit code {code}"
         )
-        dead.process.join(timeout=5)
+        log.warning(
+            "worker %s (pid %s, shard %d) died (%s); replacing it",
+            dead.process.name,
+            dead.process.pid,
+            dead.index,
+            how,
+            extra={
+                "fields": {
+                    "event": "shard_died",
+                    "shard": dead.index,
+                    "pid": dead.process.pid,
+                    "exit": how,
+                }
+            },
+        )
         dead.conn.close()
         worker = self._spawn(dead.index)
         self._workers[dead.index] = worker
@@ -189,7 +213,18 @@ class PoolBackend:
             return  # the replacement died too; its own route thread replaces it
         self.restarts += 1
         worker.ready.set()
-        log.warning("worker %s replaced and ready", worker.process.name)
+        log.warning(
+            "worker %s replaced and ready (pid %s)",
+            worker.process.name,
+            worker.process.pid,
+            extra={
+                "fields": {
+                    "event": "shard_restarted",
+                    "shard": dead.index,
+                    "pid": worker.process.pid,
+                }
+            },
+        )
 
     def _open(self) -> tuple[int, queue.SimpleQueue[Reply | WorkerDied]]:
         request_id = next(self._ids)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
@@ -102,16 +104,44 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+_PR_SET_NAME = 15  # prctl(2): the calling thread's name, which /proc/PID/comm shows
+_COMM_BYTES = 15  # the kernel keeps 15 bytes of it
+
+
+def name_process(name: str) -> None:
+    """Name this process in /proc/PID/comm, which `ps -e`, `top` and `pgrep` show, so an
+    operator tells a worker from any other Python. The multiprocessing name names it
+    inside Python; the command line stays the interpreter's (rewriting argv in place
+    needs setproctitle). Linux only; elsewhere, nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:_COMM_BYTES]), 0, 0, 0)
+
+
+def resident_bytes(pid: int) -> int | None:
+    """The resident memory of process `pid` on this machine (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _progress_to(conn: Connection, request_id: int) -> Progress:
     return lambda done, total: conn.send(ChunkEncoded(request_id))
 
 
-def serve_worker(conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64) -> None:
+def serve_worker(
+    conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64, name: str = ""
+) -> None:
     """A worker's loop: keep a shard, answer requests in order, until Stop or EOF.
 
     `cancelled`, shared with the front, names the last query the front gave up on
     (its caller hung up or ran out of time): the worker stops it at the next chunk.
+    `name` is what the process shows in `ps` (see `name_process`).
     """
+    if name:
+        name_process(name)
     shard = Shard(Engine(params))
     while True:
         try:

@@ -3,12 +3,21 @@
 Every RPC is counted by service and method, failures by status code, with a latency
 histogram and the bytes of the protobuf messages in and out; Score also counts the
 items it scored per catalog. Gauges read the key store on each scrape. Labels are
-bounded sets (methods, status codes, served catalogs): no caller input becomes one.
+bounded sets (methods, status codes, served catalogs, shard numbers): no caller input
+becomes one.
+
+The backend's shards are read on each scrape too, through what a backend may offer
+(`restarts`, `shard_memory()`): the shard restarts so far, and each shard's resident
+memory, which the process metrics of this (front) process do not include. Key store
+evictions and expirations are exported when the key store counts them
+(`evictions`, `expirations`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -20,6 +29,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from heserve import __version__
 from heserve.domain.scorer import Scorer
@@ -44,6 +55,55 @@ _LATENCY_BUCKETS = (
     120.0,
 )
 _RPC_LABELS = ("service", "method")
+log = logging.getLogger(__name__)
+
+
+class ShardCollector(Collector):
+    """Shard and key store figures read at scrape time from public attributes of the
+    scorer's backend and key store; a figure a backend does not offer is left out."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+
+    def collect(self) -> Iterator[Metric]:
+        backend = self._scorer.backend
+        shards = GaugeMetricFamily("heserve_shards", "Shards the catalogs are split over")
+        shards.add_metric([], backend.shard_count)
+        yield shards
+        restarts = getattr(backend, "restarts", None)
+        if isinstance(restarts, int):
+            counter = CounterMetricFamily(
+                "heserve_shard_restarts",
+                "Shards (worker processes, Ray actors) that died and were replaced",
+            )
+            counter.add_metric([], restarts)
+            yield counter
+        shard_memory = getattr(backend, "shard_memory", None)
+        if callable(shard_memory):
+            memory = GaugeMetricFamily(
+                "heserve_shard_resident_memory_bytes",
+                "Resident memory of each shard's process (not in process_resident_memory_bytes)",
+                labels=("shard",),
+            )
+            try:
+                sizes = list(shard_memory())
+            except Exception:  # a scrape never fails for a shard that cannot answer now
+                log.debug("shard memory unavailable", exc_info=True)
+                sizes = []
+            for shard, size in enumerate(sizes):
+                if size is not None:
+                    memory.add_metric([str(shard)], size)
+            yield memory
+        keys = self._scorer.keys
+        for attribute, name, help_text in (
+            ("evictions", "heserve_key_evictions", "Key sets evicted to make room"),
+            ("expirations", "heserve_key_expirations", "Key sets forgotten after the idle TTL"),
+        ):
+            value = getattr(keys, attribute, None)
+            if isinstance(value, int):
+                family = CounterMetricFamily(name, help_text)
+                family.add_metric([], value)
+                yield family
 
 
 class Metrics:
@@ -98,6 +158,7 @@ class Metrics:
         Gauge(
             "heserve_key_store_bytes", "Bytes of keys in the key store", registry=registry
         ).set_function(lambda: scorer.keys.bytes_held)
+        registry.register(ShardCollector(scorer))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
