@@ -10,6 +10,16 @@ they die; a restarted actor holds nothing and re-encodes its shard on its next
 query (or at once, through `warm_up`), and the query that was in flight fails
 with ShardUnavailableError (UNAVAILABLE on the wire).
 
+An actor's death is noticed when it happens, busy or idle: each actor runs a
+`watch` call that never returns (in a concurrency group of its own, beside the one
+that scores), and a front thread waits on all of them. It logs the death at
+WARNING, counts the restart (`restarts`, exported as a metric) and watches the
+restarted actor. What a client is told is only that a shard failed and to retry:
+Ray's own text (actor ids, RPC codes, node addresses) goes to the log, never the wire.
+
+Ray's Python logging goes through heserve's (its own handler is removed), so that
+`--log-format json` holds for what Ray says in this process too.
+
 Ray is an optional dependency (`pip install heserve[ray]`); only this module
 imports it.
 """
@@ -18,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import ray
 import ray.exceptions
@@ -34,6 +46,10 @@ from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
 
 log = logging.getLogger(__name__)
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+_WATCH_GROUP = "watch"
+_MEMORY_SECONDS = 2.0  # a scrape waits this long for the actors' memory, at most
 
 _ACTOR_FAILURES = (
     ray.exceptions.RayActorError,
@@ -61,14 +77,47 @@ class _RayCatalog:
     shard_rows: tuple[Any, ...]  # one ObjectRef of row chunks per shard
 
 
+def _in_watch_group(method: _Method) -> _Method:
+    """Run `method` in the actor's watch group: beside a running query, not after it."""
+    decorated: _Method = ray.method(concurrency_group=_WATCH_GROUP)(method)
+    return decorated
+
+
+def _route_ray_logging() -> None:
+    """Ray's records through heserve's handlers and level, not Ray's own stderr handler."""
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
+    ray_logger.setLevel(logging.NOTSET)
+
+
+def _cause(exc: BaseException) -> str:
+    """A short name of a Ray failure for the log (its full text carries Ray internals)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 class ShardActor:
     """A `Shard` in a Ray actor: one shard of every catalog, plus the keys it was sent."""
 
     def __init__(self, params: CkksParameters) -> None:
         self._shard = Shard(Engine(params))
+        self._never = threading.Event()
 
+    @_in_watch_group
     def pid(self) -> int:
         return os.getpid()
+
+    @_in_watch_group
+    def watch(self) -> None:
+        """Never returns: its failure is how the front learns that the actor died."""
+        self._never.wait()
+
+    @_in_watch_group
+    def resident_bytes(self) -> int:
+        fields = Path("/proc/self/statm").read_text().split()
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def load(self, catalog: _ShardCatalog, rows_ref: list[Any]) -> int:
         """Encode this shard of a catalog (rows fetched from the object store)."""
@@ -105,17 +154,97 @@ class RayBackend:
         restart_timeout: float = 300.0,
     ) -> None:
         self.restart_timeout = restart_timeout
+        self.restarts = 0
         self._failed = False  # a shard failed: wait for Ray's restart before the next query
+        self._closing = False
+        _route_ray_logging()
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                include_dashboard=False,
+                configure_logging=False,
+            )
         self.params = params
         self.engine = Engine(params)  # the front's: the Scorer checks queries with it
         self.shard_count = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._budget = ShardBudget(memory_budget, self.shard_count)
-        actor_class: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(ShardActor)
+        actor_class: Any = ray.remote(
+            num_cpus=1,
+            max_restarts=-1,
+            max_task_retries=0,
+            concurrency_groups={_WATCH_GROUP: 3},  # watch, and pid or memory beside it
+        )(ShardActor)
         self._actors: list[Any] = [actor_class.remote(params) for _ in range(self.shard_count)]
+        self._pids = [int(pid) for pid in ray.get([a.pid.remote() for a in self._actors])]
         self._catalogs: dict[str, _RayCatalog] = {}
         self._key_refs: dict[str, Any] = {}
+        self._watcher = threading.Thread(target=self._watch, name="heserve-ray-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Wait on every actor's `watch` call; log and count each death, then watch the
+        restarted actor (Ray restarts it; it re-encodes its shard on its next query)."""
+        watching = {actor.watch.remote(): shard for shard, actor in enumerate(self._actors)}
+        while watching and not self._closing:
+            ready, _ = ray.wait(list(watching), num_returns=1)
+            shard = watching.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as exc:  # every way an actor can fail
+                if self._closing:
+                    return
+                self._on_death(shard, exc)
+            if not self._closing:
+                watching[self._actors[shard].watch.remote()] = shard
+
+    def _on_death(self, shard: int, exc: BaseException) -> None:
+        """Log the failure at once, wait for the actor to answer again, and count a
+        restart if it is a new process (Ray reports a restart in progress as the actor
+        being unavailable, not dead: the pid tells)."""
+        old_pid = self._pids[shard]
+        log.warning(
+            "Ray shard %d (actor pid %d) is down (%s); Ray restarts it",
+            shard,
+            old_pid,
+            _cause(exc),
+            extra={"fields": {"event": "shard_died", "shard": shard, "pid": old_pid}},
+        )
+        deadline = time.monotonic() + self.restart_timeout
+        while not self._closing:
+            try:
+                pid = int(ray.get(self._actors[shard].pid.remote(), timeout=10))
+                break
+            except Exception as again:
+                if time.monotonic() > deadline:
+                    log.warning("Ray shard %d did not come back: %s", shard, _cause(again))
+                    return
+                time.sleep(0.1)  # Ray refuses calls while it restarts the actor
+        else:
+            return
+        if pid == old_pid:
+            log.warning("Ray shard %d (actor pid %d) answers again", shard, pid)
+            return
+        self._pids[shard] = pid
+        self.restarts += 1
+        log.warning(
+            "Ray shard %d restarted (actor pid %d); it re-encodes its shard on its next query",
+            shard,
+            pid,
+            extra={"fields": {"event": "shard_restarted", "shard": shard, "pid": pid}},
+        )
+
+    def shard_memory(self) -> list[int | None]:
+        """Resident bytes of each shard's actor process, as each actor reports it (None:
+        no answer within a couple of seconds, e.g. restarting)."""
+        refs = [actor.resident_bytes.remote() for actor in self._actors]
+        sizes: list[int | None] = []
+        for ref in refs:
+            try:
+                sizes.append(int(ray.get(ref, timeout=_MEMORY_SECONDS)))
+            except Exception:  # a scrape shows what it can
+                sizes.append(None)
+        return sizes
 
     def actor_pids(self) -> list[int]:
         """The process id of each shard's actor, in shard order."""
@@ -186,7 +315,8 @@ class RayBackend:
                 yield ray.get(next(streams[index % self.shard_count]))
         except _ACTOR_FAILURES as exc:
             self._failed = True
-            raise ShardUnavailableError(f"a Ray shard failed during the query: {exc}") from None
+            log.warning("a Ray shard failed during a query (%s)", _cause(exc))
+            raise ShardUnavailableError("a shard failed during the query") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
             raise QueryError(str(cause)) from None
@@ -199,7 +329,8 @@ class RayBackend:
                 ray.get([actor.pid.remote() for actor in self._actors], timeout=10)
             except (*_ACTOR_FAILURES, ray.exceptions.GetTimeoutError) as exc:
                 if time.monotonic() > deadline:
-                    raise ShardUnavailableError(f"a Ray shard did not come back: {exc}") from None
+                    log.warning("a Ray shard did not come back (%s)", _cause(exc))
+                    raise ShardUnavailableError("a shard did not come back in time") from None
                 time.sleep(0.1)
                 continue
             self._failed = False
@@ -211,6 +342,7 @@ class RayBackend:
                 actor.forget.remote(key_id)
 
     def close(self) -> None:
+        self._closing = True
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from heserve.protocol.slots import FloatArray, RowArray
 
@@ -45,21 +48,32 @@ class Catalog:
                 f"catalog {self.name!r}: embeddings must be a non-empty n × d matrix"
             )
         if not np.isfinite(emb).all():
-            raise CatalogError(f"catalog {self.name!r}: embeddings contain NaN or infinity")
-        largest = _largest_row_norm(emb)
-        if largest > MAX_ROW_NORM * (1 + 2**-20):  # float32 may lift a row on the bound
+            row = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
             raise CatalogError(
-                f"catalog {self.name!r}: a row has norm {largest:.4g}, above {MAX_ROW_NORM}; "
-                "normalise the embeddings"
+                f"catalog {self.name!r}: embeddings contain NaN or infinity (first in row {row})"
+            )
+        row, largest = _largest_row_norm(emb)
+        if largest > MAX_ROW_NORM * (1 + 2**-20):  # float32 may lift a row on the bound
+            above = _rows_above(emb, MAX_ROW_NORM * (1 + 2**-20))
+            raise CatalogError(
+                f"catalog {self.name!r}: row {row} (0-based) has norm {largest:.4g}, above "
+                f"{MAX_ROW_NORM}; {above} row(s) are; normalise the embeddings"
             )
         if len(self.ids) != emb.shape[0]:
             raise CatalogError(
                 f"catalog {self.name!r}: {len(self.ids)} ids for {emb.shape[0]} embeddings"
             )
         if len(set(self.ids)) != len(self.ids):
-            raise CatalogError(f"catalog {self.name!r}: item ids are not unique")
-        if any(not item_id or len(item_id.encode()) > MAX_ID_BYTES for item_id in self.ids):
-            raise CatalogError(f"catalog {self.name!r}: ids must be 1 to {MAX_ID_BYTES} bytes")
+            raise CatalogError(
+                f"catalog {self.name!r}: item ids are not unique "
+                f"({_first_repeated(self.ids)[:40]!r} repeats)"
+            )
+        for row, item_id in enumerate(self.ids):
+            if not item_id or len(item_id.encode()) > MAX_ID_BYTES:
+                raise CatalogError(
+                    f"catalog {self.name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
+                    f"row {row}'s has {len(item_id.encode())}"
+                )
         digest = hashlib.sha256(emb.astype("<f4", copy=False).data)
         digest.update("\n".join(self.ids).encode())
         object.__setattr__(self, "embeddings", emb)
@@ -87,14 +101,35 @@ class Catalog:
             raise KeyError(f"unknown item id {exc.args[0]!r} in catalog {self.name!r}") from None
 
 
-def _largest_row_norm(rows: RowArray, block: int = 65_536) -> float:
-    """max ‖row‖, summed in float64 a block of rows at a time (no n × d temporary)."""
-    largest = 0.0
+def _first_repeated(ids: tuple[str, ...]) -> str:
+    seen: set[str] = set()
+    for item_id in ids:
+        if item_id in seen:
+            return item_id
+        seen.add(item_id)
+    return ""
+
+
+def _row_norms(rows: RowArray, block: int = 65_536) -> Iterator[tuple[int, FloatArray]]:
+    """(first row, ‖row‖ of each) a block of rows at a time, summed in float64 (no n × d
+    temporary)."""
     for start in range(0, rows.shape[0], block):
         part = rows[start : start + block]
-        squares = np.einsum("ij,ij->i", part, part, dtype=np.float64)
-        largest = max(largest, float(np.sqrt(squares.max())))
-    return largest
+        yield start, np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))
+
+
+def _largest_row_norm(rows: RowArray) -> tuple[int, float]:
+    """The row with the largest norm (the first such), and that norm."""
+    best_row, largest = 0, 0.0
+    for start, norms in _row_norms(rows):
+        at = int(np.argmax(norms))
+        if float(norms[at]) > largest:
+            best_row, largest = start + at, float(norms[at])
+    return best_row, largest
+
+
+def _rows_above(rows: RowArray, bound: float) -> int:
+    return sum(int((norms > bound).sum()) for _, norms in _row_norms(rows))
 
 
 def unit_rows(count: int, dimension: int, seed: int) -> FloatArray:
@@ -123,7 +158,7 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
                 if "embeddings" not in archive or "ids" not in archive:
                     raise CatalogError(f"{path}: an .npz catalog needs 'embeddings' and 'ids'")
                 embeddings = np.asarray(archive["embeddings"], dtype=np.float32)
-                ids = tuple(str(item_id) for item_id in archive["ids"].tolist())
+                ids = tuple(str(item_id) for item_id in _array(archive, "ids", path).tolist())
         elif path.suffix == ".npy":
             embeddings = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
             if ids_path is None:
@@ -137,5 +172,25 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
     except (OSError, ValueError) as exc:
         if isinstance(exc, CatalogError):
             raise
-        raise CatalogError(f"{path}: {exc}") from None
+        raise CatalogError(f"{path}: {exc}{_hint(exc)}") from None
     return Catalog(name, embeddings, ids)
+
+
+_OBJECT_ARRAY_HINT = (
+    "; an array of Python objects (what pandas' .values gives for strings) needs pickle, "
+    "which is never loaded: save the ids as strings, e.g. np.asarray(ids, dtype=str), or "
+    "as a text file of one id a line"
+)
+
+
+def _hint(exc: BaseException) -> str:
+    """What to do about a numpy loading error an operator cannot act on as it is worded."""
+    return _OBJECT_ARRAY_HINT if "allow_pickle" in str(exc) else ""
+
+
+def _array(archive: Mapping[str, npt.NDArray[Any]], key: str, path: Path) -> npt.NDArray[Any]:
+    """`archive[key]`, with the hint for an object array (numpy's message has none)."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        raise CatalogError(f"{path}: {key!r}: {exc}{_hint(exc)}") from None
