@@ -5,12 +5,13 @@ its status is one the API documents (OK, INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, FAILED_PRECONDITION; UNAUTHENTICATED and PERMISSION_DENIED only
 where tokens are on), never UNKNOWN or INTERNAL, and the server still answers
 GetServerInfo afterwards (no crash). Requests are well-formed protobuf with hostile
-values: bytes that are not protobuf at all are gRPC's to refuse (INTERNAL,
-"Exception deserializing request!") before heserve sees them.
+values, and raw bytes that are no protobuf at all (truncated, random, invalid UTF-8
+in a string field): the server refuses those with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -448,13 +449,154 @@ def test_calls_with_tokens(guarded: Live, data: st.DataObject) -> None:
     caller = {ALICE: "alice", BOB: "bob"}.get(match[1]) if match else None
     if caller is None:
         assert code == grpc.StatusCode.UNAUTHENTICATED
-    elif method == "DeleteKeys" and not key_id:
+    elif method in {"Score", "DeleteKeys"} and not key_id:
         assert code == grpc.StatusCode.INVALID_ARGUMENT  # "key_id is empty", checked first
     elif method in {"Score", "DeleteKeys"} and not key_id.endswith(owner_tag(caller)):
         assert code == grpc.StatusCode.PERMISSION_DENIED
     else:
         assert code not in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
     guarded.alive()
+
+
+# --- raw bytes: requests that do not parse --------------------------------------------------
+
+RAW_METHODS = {
+    "GetServerInfo": "unary",
+    "ListCatalogs": "unary",
+    "ListItems": "unary",
+    "DeleteKeys": "unary",
+    "Score": "stream_out",
+    "RegisterKeys": "stream_in",
+}
+
+
+def _raw_call(live: Live, method: str, payloads: list[bytes]) -> Callable[[], object]:
+    """A call of `method` that sends `payloads` as they are (no serializer)."""
+    path = f"/heserve.v1.ScoringService/{method}"
+    kind = RAW_METHODS[method]
+    options: dict[str, Any] = {"timeout": DEADLINE, "metadata": live.metadata}
+    raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
+    channel: Any = live.channel  # bytes in, bytes out: no (de)serializer
+    if kind == "unary":
+        return lambda: channel.unary_unary(path, **raw)(payloads[0], **options)
+    if kind == "stream_out":
+        return lambda: list(channel.unary_stream(path, **raw)(payloads[0], **options))
+    return lambda: channel.stream_unary(path, **raw)(iter(payloads), **options)
+
+
+def _string_field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(sorted(RAW_METHODS)),
+    payloads=st.lists(
+        st.one_of(
+            st.binary(max_size=256),
+            # field 2 of ScoreRequest / field 1 of the others, a string: invalid UTF-8
+            st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80"]).flatmap(
+                lambda bad: st.integers(1, 3).map(lambda n: _string_field(n, bad))
+            ),
+            # a length prefix that runs past the end (truncated)
+            st.integers(1, 3).map(lambda n: _varint(n << 3 | 2) + _varint(1000) + b"x"),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_raw_bytes_are_invalid_argument_or_ok_never_internal(
+    live: Live, method: str, payloads: list[bytes]
+) -> None:
+    code, _ = outcome(_raw_call(live, method, payloads), DOCUMENTED)
+    parse: Callable[[bytes], object] = {
+        "GetServerInfo": pb.GetServerInfoRequest,
+        "ListCatalogs": pb.ListCatalogsRequest,
+        "ListItems": pb.ListItemsRequest,
+        "DeleteKeys": pb.DeleteKeysRequest,
+        "Score": pb.ScoreRequest,
+        "RegisterKeys": pb.RegisterKeysRequest,
+    }[method].FromString  # type: ignore[attr-defined]
+    unreadable = False
+    for payload in payloads if RAW_METHODS[method] == "stream_in" else payloads[:1]:
+        try:
+            parse(payload)
+        except Exception:
+            unreadable = True
+    if unreadable:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    live.alive()
+
+
+def test_unreadable_request_is_one_log_line_without_traceback(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG"), pytest.raises(grpc.RpcError) as refused:
+        _raw_call(live, "Score", [b"\x12\x02\xff\xfe"])()
+    assert isinstance(refused.value, grpc.Call)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    mentions = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(mentions) == 1
+    assert all(r.exc_info is None and r.levelno < 40 for r in caplog.records)
+
+
+@pytest.mark.parametrize("size", [257, 10_000, 1 << 20])
+def test_long_strings_are_refused_by_length_and_never_echoed(
+    live: Live, size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller's string past `SizeLimits.max_name_chars` (or max_item_id_chars) is
+    refused with INVALID_ARGUMENT naming its length; nothing echoes it whole, in the
+    status or the log (a 10 KB value once made the trailer too large for the client)."""
+    long = "n" * size
+    calls: dict[str, Callable[[], object]] = {
+        "ListItems catalog": lambda: live.stub.ListItems(
+            pb.ListItemsRequest(catalog=long), timeout=DEADLINE
+        ),
+        "ListItems page_token": lambda: live.stub.ListItems(
+            pb.ListItemsRequest(catalog="tiny", page_token=long), timeout=DEADLINE
+        ),
+        "DeleteKeys key_id": lambda: live.stub.DeleteKeys(
+            pb.DeleteKeysRequest(key_id=long), timeout=DEADLINE
+        ),
+    }
+    for field in ("catalog", "catalog_version", "key_id", "item_ids"):
+        request = pb.ScoreRequest(
+            key_id=live.key_id, catalog="tiny", query=live.query, catalog_version=live.version
+        )
+        if field == "item_ids":
+            request.item_ids.extend([live.ids[0], long])
+        else:
+            setattr(request, field, long)
+        calls[f"Score {field}"] = functools.partial(_score_all, live, request)
+    for name, call in calls.items():
+        with caplog.at_level("DEBUG"):
+            caplog.clear()
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+        error = refused.value
+        assert isinstance(error, grpc.Call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.details())
+        assert long not in (error.details() or ""), name
+        assert len(error.details() or "") < 200, name
+        assert all(long[:300] not in r.getMessage() for r in caplog.records), name
+
+
+def _score_all(live: Live, request: pb.ScoreRequest) -> list[pb.ScoreResponse]:
+    return list(live.stub.Score(request, timeout=DEADLINE))
+
+
+def test_short_unknown_values_are_echoed_clipped() -> None:
+    """Within the limits, a NOT_FOUND or FAILED_PRECONDITION names the value, cut."""
+    scorer = _scorer()
+    for call in (
+        lambda: scorer.catalog("x" * 200),
+        lambda: list(scorer.score("k", "tiny", b"q", ["y" * 200])),
+        lambda: list(scorer.score("k", "tiny", b"q", [], "v" * 200)),
+    ):
+        with pytest.raises(Exception) as refused:
+            call()
+        message = str(refused.value)
+        assert "characters)" in message and len(message) < 200, message
 
 
 def test_the_fuzzed_servers_still_score_correctly(live: Live, guarded: Live) -> None:

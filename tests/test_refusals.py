@@ -29,7 +29,7 @@ from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import Scorer, SizeLimits
 from heserve.protocol import wire
 from heserve.protocol.params import DEFAULT_PARAMETERS, CkksParameters
-from heserve.protocol.reasons import ERROR_DOMAIN, KEY_NOT_FOUND
+from heserve.protocol.reasons import CATALOG_VERSION_CHANGED, ERROR_DOMAIN, KEY_NOT_FOUND
 from heserve.protocol.slots import query_slots
 from heserve.transport.server import RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
@@ -41,10 +41,22 @@ from heserve_client import (
     LimitExceededError,
     NotFoundError,
     SecretContext,
-    StaleCatalogError,
 )
 
 FloatArray = npt.NDArray[np.float64]
+
+
+def _reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a refusal ("" if it has none)."""
+    assert isinstance(error, grpc.Call)
+    status = rpc_status.from_call(error)
+    for detail in [] if status is None else status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
 SEAL_HEADER = struct.Struct("<HBBBBHQ")
 # Valid 128-bit parameters that are not the server's: one more data prime, and a
 # larger ring. Derived from the defaults so every other setting matches.
@@ -727,7 +739,7 @@ def test_client_errors_are_heserve_errors_not_rpc_errors(client: Client, user: F
     assert not isinstance(info.value, grpc.RpcError)
 
 
-def test_client_raises_stale_catalog_when_the_server_restarts_with_new_content(
+def test_a_restart_with_new_content_is_refused_stale_and_the_client_rescores_once(
     films: Catalog, films_user: FloatArray
 ) -> None:
     first = start_server(Scorer(DEFAULT_PARAMETERS, [films]), "127.0.0.1", 0)
@@ -743,13 +755,27 @@ def test_client_raises_stale_catalog_when_the_server_restarts_with_new_content(
         assert changed.version != films.version
         second = start_server(Scorer(DEFAULT_PARAMETERS, [changed]), "127.0.0.1", port)
 
-        with pytest.raises(StaleCatalogError) as info:
-            client.score(films_user, catalog="films")
-        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        # On the wire: the old version is refused, with the reason a client acts on.
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            list(
+                pb_grpc.ScoringServiceStub(channel).Score(
+                    pb.ScoreRequest(
+                        key_id="k", catalog="films", query=b"q", catalog_version=films.version
+                    ),
+                    timeout=TIMEOUT,
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _reason(refused.value) == CATALOG_VERSION_CHANGED
 
-        client.catalogs()  # refresh the cached version; keys are re-registered on the way
+        # The client re-reads the catalog and scores once more, under the new version
+        # (keys are re-registered on the way: the restart forgot them).
         after = client.score(films_user, catalog="films")
         assert np.abs(after - changed.embeddings @ films_user).max() < 1e-4
+        assert client.stats.catalog_refreshes == 1
         assert client.stats.registrations == 2
     finally:
         client.close()

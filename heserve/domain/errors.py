@@ -6,6 +6,20 @@ The domain raises these without knowing gRPC; the transport layer maps `status`
 
 from __future__ import annotations
 
+ECHO_CHARS = 64
+"""The most of a caller's string that a message or a log line repeats."""
+
+
+def clip(value: str, limit: int = ECHO_CHARS) -> str:
+    """`value` as an error message or log line may echo it: its repr, cut to `limit`
+    characters with the length it had. A caller's name, id or version can be as long as
+    a message allows; echoed whole, a 10 KB value made the status trailer too large for
+    the client's gRPC (it saw RESOURCE_EXHAUSTED "Stream removed") and a log line of
+    megabytes (issue 9, finding 2)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 class ServiceError(Exception):
     """A request the service refuses.

@@ -32,6 +32,7 @@ from heserve.domain.errors import (
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
+    clip,
 )
 from heserve.domain.keystore import KeyStore, KeyTooLargeError
 from heserve.domain.protection import NoiseAdder, ScoreProtection
@@ -39,7 +40,11 @@ from heserve.he.engine import Progress, QueryError
 from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import PRESETS, CkksParameters
-from heserve.protocol.reasons import KEY_NOT_FOUND
+from heserve.protocol.reasons import (
+    CATALOG_VERSION_CHANGED,
+    CONJUGATION_KEY_MISSING,
+    KEY_NOT_FOUND,
+)
 from heserve.protocol.slots import ceil_div
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,11 @@ class SizeLimits:
     max_queries_per_request: int = 8
     """Queries one Score call may carry: eight seeded precise queries stay well inside
     the default message size, and one pass over the catalog serves them all."""
+    max_name_chars: int = 256
+    """Longest catalog name, catalog_version, key_id or page_token a request may carry
+    (a served catalog's name and version, and an issued key_id, are far shorter)."""
+    max_item_id_chars: int = 256
+    """Longest item id a request may name."""
 
 
 @dataclass(frozen=True)
@@ -169,10 +179,18 @@ class Scorer:
         """An unseeded, uncompressed top-level ciphertext plus slack for its header."""
         return 2 * self.params.poly_modulus_degree * self.params.data_prime_count * 8 + 4096
 
+    def bounded(self, what: str, value: str, limit: int | None = None) -> str:
+        """`value` if it is at most `limit` (default: max_name_chars) characters long;
+        INVALID_ARGUMENT, naming its length and not its content, if longer."""
+        limit = self.limits.max_name_chars if limit is None else limit
+        if len(value) > limit:
+            raise InvalidArgumentError(f"{what} of {len(value)} characters exceeds {limit}")
+        return value
+
     def catalog(self, name: str) -> ServedCatalog:
-        entry = self.catalogs.get(name)
+        entry = self.catalogs.get(self.bounded("catalog name", name))
         if entry is None:
-            raise NotFoundError(f"no catalog named {name!r}")
+            raise NotFoundError(f"no catalog named {clip(name)}")
         return entry
 
     def register_keys(self, blob: bytes, owner: str = "") -> str:
@@ -228,7 +246,7 @@ class Scorer:
         return max(1, int(keys.size())) * per_key
 
     def delete_keys(self, key_id: str) -> bool:
-        return self.keys.delete(key_id)
+        return self.keys.delete(self.bounded("key_id", key_id))
 
     def score(
         self,
@@ -254,11 +272,14 @@ class Scorer:
                 f"{len(queries)} queries exceed the limit of "
                 f"{self.limits.max_queries_per_request} per request"
             )
+        self.bounded("key_id", key_id)
+        self.bounded("catalog_version", version)
         entry = self.catalog(catalog_name)
         catalog = entry.catalog
         if version and version != catalog.version:
             raise FailedPreconditionError(
-                f"catalog {catalog_name!r} is at version {catalog.version}, not {version}"
+                f"catalog {catalog_name!r} is at version {catalog.version}, not {clip(version)}",
+                reason=CATALOG_VERSION_CHANGED,
             )
         positions = self._positions(catalog, item_ids)
         keys = self.keys.get(key_id)
@@ -270,7 +291,8 @@ class Scorer:
         if not complex_scores and not keys.value.has_key(self._conjugation):
             raise FailedPreconditionError(
                 "real-slot scores need the conjugation key (rotation step 0, Galois element "
-                "2N-1) in the registered keys; register keys with it, or ask for complex_scores"
+                "2N-1) in the registered keys; register keys with it, or ask for complex_scores",
+                reason=CONJUGATION_KEY_MISSING,
             )
         loaded = tuple(Sealed(blob, self._load_query(blob)) for blob in queries)
         call = ScoreCall(catalog_name, key_id, keys, loaded)
@@ -318,12 +340,17 @@ class Scorer:
             raise ResourceExhaustedError(
                 f"{len(item_ids)} item ids exceed the limit of {self.limits.max_item_ids}"
             )
+        longest = max(item_ids, key=len)
+        self.bounded("an item id", longest, self.limits.max_item_id_chars)
         if len(set(item_ids)) != len(item_ids):
             raise InvalidArgumentError("item_ids contains repeated ids")
         try:
             return catalog.positions_of(item_ids)
-        except KeyError as exc:
-            raise NotFoundError(str(exc.args[0])) from None
+        except KeyError:
+            unknown = next(i for i in item_ids if not _known(catalog, i))
+            raise NotFoundError(
+                f"unknown item id {clip(unknown)} in catalog {clip(catalog.name)}"
+            ) from None
 
     def _load_query(self, blob: bytes) -> seal.Ciphertext:
         if not blob:
@@ -338,3 +365,11 @@ class Scorer:
                 f"query is not a valid ciphertext for this server: {exc}"
             ) from None
         return ciphertext
+
+
+def _known(catalog: Catalog, item_id: str) -> bool:
+    try:
+        catalog.positions_of([item_id])
+    except KeyError:
+        return False
+    return True

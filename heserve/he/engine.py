@@ -190,7 +190,8 @@ class Engine:
             raise QueryError("query must be in NTT form")
         if query.is_transparent():
             raise QueryError("query is transparent (not encrypted)")
-        if abs(query.scale / self.params.scale - 1) > 1e-6:
+        # Written so that NaN fails: NaN compares false, and `> 1e-6` let it through.
+        if not abs(query.scale / self.params.scale - 1) <= 1e-6:
             raise QueryError(f"query scale must be 2^{self.params.scale_bits}")
 
     def baby_rotations(

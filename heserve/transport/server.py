@@ -6,21 +6,28 @@ of request data, and a graceful shutdown on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
+from grpc import aio
+from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from heserve.domain.scorer import Scorer
 from heserve.protocol.pem import read_pem
 from heserve.transport.auth import Authenticator, QueryBudget
+from heserve.transport.bridge import CallAdmission, CallLimits, SyncBridge
 from heserve.transport.interceptors import (
     MAX_METADATA_BYTES,
     AccessLogInterceptor,
@@ -36,6 +43,8 @@ from heserve.transport.servicer import SERVICE_NAME, ScoringServicer
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_AIO_LOOP_NOTE = "[_cygrpc] Loaded running loop"
 
 
 class GrpcLogRedactor(logging.Filter):
@@ -50,6 +59,8 @@ class GrpcLogRedactor(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG and str(record.msg).startswith(_AIO_LOOP_NOTE):
+            return False  # grpc.aio notes, once a call, which event loop it found: noise
         if record.args:
             record.msg = f"{record.msg} (details withheld: they may hold request data)"
             record.args = None
@@ -131,20 +142,55 @@ def interceptors(
     return chain
 
 
+class _LoopThread:
+    """An asyncio event loop run by a daemon thread: the aio server's home, driven from
+    synchronous code (the CLI, tests) through `run`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="heserve-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
 @dataclass
 class RunningServer:
-    """A started server, the port it is bound to, its health servicer and metrics."""
+    """A started server, the port it is bound to, its health servicer and metrics.
 
-    server: grpc.Server
+    The server is `grpc.aio` on an event loop of its own thread (see
+    heserve.transport.bridge): `stop` and `wait` may be called from any other thread.
+    """
+
+    server: aio.Server
     port: int
-    health: health.HealthServicer
+    health: health_async.HealthServicer
     metrics: Metrics
     metrics_port: int | None = None
+    admission: CallAdmission | None = None
+    _loop: _LoopThread | None = None
+    _executor: futures.ThreadPoolExecutor | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, then let in-flight calls finish within `grace` seconds."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        loop = self._loop
+        if loop is None:
+            return
+        self._loop = None
+        with contextlib.suppress(TimeoutError):
+            loop.run(self.health.enter_graceful_shutdown(), timeout=1.0)
+        loop.run(self.server.stop(grace))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
         self.metrics.close()
 
 
@@ -160,48 +206,73 @@ def start_server(
     max_concurrent_rpcs: int | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    call_limits: CallLimits | None = None,
 ) -> RunningServer:
     """Bind and start a server for `scorer`; port 0 picks a free port.
 
-    `max_concurrent_rpcs` bounds the calls running or queued at once (health checks
-    included); gRPC refuses the next with RESOURCE_EXHAUSTED. `metrics_port` serves
-    Prometheus metrics on metrics_host (0: a free port; None: not served).
+    `max_workers` threads compute (parse, score, run the per-call policy); waiting for
+    a client takes none. `max_concurrent_rpcs` bounds the calls running or queued at
+    once (health checks included); gRPC refuses the next with RESOURCE_EXHAUSTED.
+    `call_limits` bounds what one caller may hold and how long an upload or an unread
+    response may wait (see CallLimits). `metrics_port` serves Prometheus metrics on
+    metrics_host (0: a free port; None: not served).
     """
     size = scorer.limits.max_message_bytes
+    limits = call_limits or CallLimits()
     redact_grpc_logs()
     metrics = Metrics(scorer, max_concurrent_rpcs)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve"),
-        interceptors=interceptors(metrics, authenticator, query_budget),
-        options=[
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            # Both the soft limit (past it grpcio refuses at random) and the hard one;
-            # gRPC applies them once the client has acknowledged the server's HTTP/2
-            # settings, MetadataLimitInterceptor before that too.
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-        ],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve")
+    bridge = SyncBridge(
+        interceptors(metrics, authenticator, query_budget),
+        executor,
+        limits,
+        metrics,
+        max_upload_bytes=scorer.limits.max_key_bytes + scorer.limits.max_key_chunk_bytes,
     )
-    pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    address = f"{host}:{port}"
-    bound = (
-        server.add_secure_port(address, tls.credentials())
-        if tls is not None
-        else server.add_insecure_port(address)
-    )
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+    pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer), bridge)
+    admission = CallAdmission(limits, authenticator)
+    health_servicer = health_async.HealthServicer()
+    loop = _LoopThread()
+
+    async def build() -> tuple[aio.Server, int]:
+        server = aio.server(
+            interceptors=[admission],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                # Both the soft limit (past it grpcio refuses at random) and the hard
+                # one; gRPC applies them once the client has acknowledged the server's
+                # HTTP/2 settings, CallAdmission before that too.
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            ],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+        )
+        server.add_generic_rpc_handlers((bridge,))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{host}:{port}"
+        bound = (
+            server.add_secure_port(address, tls.credentials())
+            if tls is not None
+            else server.add_insecure_port(address)
+        )
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server, bound
+
+    try:
+        server, bound = loop.run(build())
+    except BaseException:
+        loop.close()
+        executor.shutdown(wait=False)
+        raise
     served_metrics = None if metrics_port is None else metrics.serve(metrics_host, metrics_port)
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "heserve listening on %s:%d",
         host,
@@ -214,10 +285,13 @@ def start_server(
                 "max_concurrent_rpcs": max_concurrent_rpcs or 0,
                 "max_message_bytes": size,
                 "metrics_port": served_metrics or 0,
+                "max_streams_per_caller": limits.max_streams_per_caller,
             }
         },
     )
-    return RunningServer(server, bound, health_servicer, metrics, served_metrics)
+    return RunningServer(
+        server, bound, health_servicer, metrics, served_metrics, admission, loop, executor
+    )
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:

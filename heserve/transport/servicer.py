@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,6 +35,10 @@ from heserve.v1 import scoring_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _DEFAULT_PAGE_SIZE = 1000
+_MAX_MESSAGE_CHARS = 1024
+# What this server issues as a page token: the offset of the next page, in ASCII digits
+# without a leading zero. int() would also take " 5", "+5", "5_0" and full-width digits.
+_PAGE_TOKEN = re.compile(r"0|[1-9][0-9]{0,17}")
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -42,10 +47,13 @@ def _abort_on_service_error(handler: Handler) -> Handler:
     """Turn a ServiceError into the matching gRPC status, for unary and streaming handlers."""
 
     def abort(context: grpc.ServicerContext, exc: ServiceError) -> None:
-        log.info("%s refused: %s %s", handler.__name__, exc.status, exc)
+        message = str(exc)
+        if len(message) > _MAX_MESSAGE_CHARS:  # the domain clips what it echoes; in case not
+            message = message[:_MAX_MESSAGE_CHARS] + "..."
+        log.info("%s refused: %s %s", handler.__name__, exc.status, message)
         note_refusal(exc.reason)
         code = getattr(grpc.StatusCode, exc.status)
-        status = status_pb2.Status(code=code.value[0], message=str(exc))
+        status = status_pb2.Status(code=code.value[0], message=message)
         if exc.reason:
             detail = any_pb2.Any()
             detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
@@ -75,10 +83,9 @@ def _abort_on_service_error(handler: Handler) -> Handler:
 
 def _page(token: str, page_size: int, limit: int, total: int) -> tuple[int, int]:
     """Start and end of the page a (token, size) pair names; tokens are offsets."""
-    try:
-        start = int(token) if token else 0
-    except ValueError:
-        raise InvalidArgumentError("page_token is not one this server issued") from None
+    if token and not _PAGE_TOKEN.fullmatch(token):
+        raise InvalidArgumentError("page_token is not one this server issued")
+    start = int(token) if token else 0
     if not 0 <= start <= total:
         raise InvalidArgumentError("page_token is out of range")
     size = min(page_size or _DEFAULT_PAGE_SIZE, limit)
@@ -202,6 +209,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
     def Score(
         self, request: pb.ScoreRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ScoreResponse]:
+        if not request.key_id:
+            raise InvalidArgumentError("key_id is empty")
         check_owner(current_caller(), request.key_id)
         runs = self._scorer.score(
             request.key_id,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18heserve/v1/scoring.proto\x12\nheserve.v1\"\x16\n\x14GetServerInfoRequest\"\xb8\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12(\n\x04\x63kks\x18\x02 \x01(\x0b\x32\x1a.heserve.v1.CkksParameters\x12&\n\x06limits\x18\x03 \x01(\x0b\x32\x16.heserve.v1.SizeLimits\x12\x35\n\rkey_retention\x18\x04 \x01(\x0b\x32\x1e.heserve.v1.KeyRetentionPolicy\"\xca\x01\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x14\n\x0cgalois_steps\x18\x04 \x03(\x05\x12\x15\n\rsecurity_bits\x18\x05 \x01(\r\x12\x12\n\nslot_count\x18\x06 \x01(\r\x12\x1a\n\x12\x63\x61talog_scale_bits\x18\x07 \x01(\r\x12\x0e\n\x06preset\x18\x08 \x01(\t\"\xc2\x01\n\nSizeLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13max_key_chunk_bytes\x18\x02 \x01(\x04\x12\x15\n\rmax_key_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fmax_query_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cmax_item_ids\x18\x05 \x01(\r\x12\x15\n\rmax_page_size\x18\x06 \x01(\r\x12\x1f\n\x17max_queries_per_request\x18\x07 \x01(\r\"k\n\x12KeyRetentionPolicy\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x10\n\x08max_keys\x18\x02 \x01(\r\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13max_keys_per_caller\x18\x04 \x01(\r\"<\n\x13ListCatalogsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListCatalogsResponse\x12)\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x17.heserve.v1.CatalogInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x0b\x43\x61talogInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x12\n\nitem_count\x18\x04 \x01(\x04\x12\x18\n\x10padded_dimension\x18\x05 \x01(\r\x12\x1a\n\x12items_per_response\x18\x06 \x01(\r\"J\n\x10ListItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x11ListItemsResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"0\n\x13RegisterKeysRequest\x12\x19\n\x11galois_keys_chunk\x18\x01 \x01(\x0c\";\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"#\n\x11\x44\x65leteKeysRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteKeysResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x97\x01\n\x0cScoreRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\x0c\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\t\x12\x16\n\x0e\x63omplex_scores\x18\x06 \x01(\x08\x12\x14\n\x0cmore_queries\x18\x07 \x03(\x0c\"}\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bquery_index\x18\x06 \x01(\r2\xe5\x03\n\x0eScoringService\x12T\n\rGetServerInfo\x12 .heserve.v1.GetServerInfoRequest\x1a!.heserve.v1.GetServerInfoResponse\x12Q\n\x0cListCatalogs\x12\x1f.heserve.v1.ListCatalogsRequest\x1a .heserve.v1.ListCatalogsResponse\x12H\n\tListItems\x12\x1c.heserve.v1.ListItemsRequest\x1a\x1d.heserve.v1.ListItemsResponse\x12S\n\x0cRegisterKeys\x12\x1f.heserve.v1.RegisterKeysRequest\x1a .heserve.v1.RegisterKeysResponse(\x01\x12K\n\nDeleteKeys\x12\x1d.heserve.v1.DeleteKeysRequest\x1a\x1e.heserve.v1.DeleteKeysResponse\x12>\n\x05Score\x12\x18.heserve.v1.ScoreRequest\x1a\x19.heserve.v1.ScoreResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18heserve/v1/scoring.proto\x12\nheserve.v1\"\x16\n\x14GetServerInfoRequest\"\xb8\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12(\n\x04\x63kks\x18\x02 \x01(\x0b\x32\x1a.heserve.v1.CkksParameters\x12&\n\x06limits\x18\x03 \x01(\x0b\x32\x16.heserve.v1.SizeLimits\x12\x35\n\rkey_retention\x18\x04 \x01(\x0b\x32\x1e.heserve.v1.KeyRetentionPolicy\"\xca\x01\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x14\n\x0cgalois_steps\x18\x04 \x03(\x05\x12\x15\n\rsecurity_bits\x18\x05 \x01(\r\x12\x12\n\nslot_count\x18\x06 \x01(\r\x12\x1a\n\x12\x63\x61talog_scale_bits\x18\x07 \x01(\r\x12\x0e\n\x06preset\x18\x08 \x01(\t\"\xf5\x01\n\nSizeLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13max_key_chunk_bytes\x18\x02 \x01(\x04\x12\x15\n\rmax_key_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fmax_query_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cmax_item_ids\x18\x05 \x01(\r\x12\x15\n\rmax_page_size\x18\x06 \x01(\r\x12\x1f\n\x17max_queries_per_request\x18\x07 \x01(\r\x12\x16\n\x0emax_name_chars\x18\x08 \x01(\r\x12\x19\n\x11max_item_id_chars\x18\t \x01(\r\"k\n\x12KeyRetentionPolicy\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x10\n\x08max_keys\x18\x02 \x01(\r\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13max_keys_per_caller\x18\x04 \x01(\r\"<\n\x13ListCatalogsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListCatalogsResponse\x12)\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x17.heserve.v1.CatalogInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x0b\x43\x61talogInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x12\n\nitem_count\x18\x04 \x01(\x04\x12\x18\n\x10padded_dimension\x18\x05 \x01(\r\x12\x1a\n\x12items_per_response\x18\x06 \x01(\r\"J\n\x10ListItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x11ListItemsResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"0\n\x13RegisterKeysRequest\x12\x19\n\x11galois_keys_chunk\x18\x01 \x01(\x0c\";\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"#\n\x11\x44\x65leteKeysRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteKeysResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x97\x01\n\x0cScoreRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\x0c\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\t\x12\x16\n\x0e\x63omplex_scores\x18\x06 \x01(\x08\x12\x14\n\x0cmore_queries\x18\x07 \x03(\x0c\"}\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bquery_index\x18\x06 \x01(\r2\xe5\x03\n\x0eScoringService\x12T\n\rGetServerInfo\x12 .heserve.v1.GetServerInfoRequest\x1a!.heserve.v1.GetServerInfoResponse\x12Q\n\x0cListCatalogs\x12\x1f.heserve.v1.ListCatalogsRequest\x1a .heserve.v1.ListCatalogsResponse\x12H\n\tListItems\x12\x1c.heserve.v1.ListItemsRequest\x1a\x1d.heserve.v1.ListItemsResponse\x12S\n\x0cRegisterKeys\x12\x1f.heserve.v1.RegisterKeysRequest\x1a .heserve.v1.RegisterKeysResponse(\x01\x12K\n\nDeleteKeys\x12\x1d.heserve.v1.DeleteKeysRequest\x1a\x1e.heserve.v1.DeleteKeysResponse\x12>\n\x05Score\x12\x18.heserve.v1.ScoreRequest\x1a\x19.heserve.v1.ScoreResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CKKSPARAMETERS']._serialized_start=252
   _globals['_CKKSPARAMETERS']._serialized_end=454
   _globals['_SIZELIMITS']._serialized_start=457
-  _globals['_SIZELIMITS']._serialized_end=651
-  _globals['_KEYRETENTIONPOLICY']._serialized_start=653
-  _globals['_KEYRETENTIONPOLICY']._serialized_end=760
-  _globals['_LISTCATALOGSREQUEST']._serialized_start=762
-  _globals['_LISTCATALOGSREQUEST']._serialized_end=822
-  _globals['_LISTCATALOGSRESPONSE']._serialized_start=824
-  _globals['_LISTCATALOGSRESPONSE']._serialized_end=914
-  _globals['_CATALOGINFO']._serialized_start=917
-  _globals['_CATALOGINFO']._serialized_end=1054
-  _globals['_LISTITEMSREQUEST']._serialized_start=1056
-  _globals['_LISTITEMSREQUEST']._serialized_end=1130
-  _globals['_LISTITEMSRESPONSE']._serialized_start=1132
-  _globals['_LISTITEMSRESPONSE']._serialized_end=1219
-  _globals['_REGISTERKEYSREQUEST']._serialized_start=1221
-  _globals['_REGISTERKEYSREQUEST']._serialized_end=1269
-  _globals['_REGISTERKEYSRESPONSE']._serialized_start=1271
-  _globals['_REGISTERKEYSRESPONSE']._serialized_end=1330
-  _globals['_DELETEKEYSREQUEST']._serialized_start=1332
-  _globals['_DELETEKEYSREQUEST']._serialized_end=1367
-  _globals['_DELETEKEYSRESPONSE']._serialized_start=1369
-  _globals['_DELETEKEYSRESPONSE']._serialized_end=1406
-  _globals['_SCOREREQUEST']._serialized_start=1409
-  _globals['_SCOREREQUEST']._serialized_end=1560
-  _globals['_SCORERESPONSE']._serialized_start=1562
-  _globals['_SCORERESPONSE']._serialized_end=1687
-  _globals['_SCORINGSERVICE']._serialized_start=1690
-  _globals['_SCORINGSERVICE']._serialized_end=2175
+  _globals['_SIZELIMITS']._serialized_end=702
+  _globals['_KEYRETENTIONPOLICY']._serialized_start=704
+  _globals['_KEYRETENTIONPOLICY']._serialized_end=811
+  _globals['_LISTCATALOGSREQUEST']._serialized_start=813
+  _globals['_LISTCATALOGSREQUEST']._serialized_end=873
+  _globals['_LISTCATALOGSRESPONSE']._serialized_start=875
+  _globals['_LISTCATALOGSRESPONSE']._serialized_end=965
+  _globals['_CATALOGINFO']._serialized_start=968
+  _globals['_CATALOGINFO']._serialized_end=1105
+  _globals['_LISTITEMSREQUEST']._serialized_start=1107
+  _globals['_LISTITEMSREQUEST']._serialized_end=1181
+  _globals['_LISTITEMSRESPONSE']._serialized_start=1183
+  _globals['_LISTITEMSRESPONSE']._serialized_end=1270
+  _globals['_REGISTERKEYSREQUEST']._serialized_start=1272
+  _globals['_REGISTERKEYSREQUEST']._serialized_end=1320
+  _globals['_REGISTERKEYSRESPONSE']._serialized_start=1322
+  _globals['_REGISTERKEYSRESPONSE']._serialized_end=1381
+  _globals['_DELETEKEYSREQUEST']._serialized_start=1383
+  _globals['_DELETEKEYSREQUEST']._serialized_end=1418
+  _globals['_DELETEKEYSRESPONSE']._serialized_start=1420
+  _globals['_DELETEKEYSRESPONSE']._serialized_end=1457
+  _globals['_SCOREREQUEST']._serialized_start=1460
+  _globals['_SCOREREQUEST']._serialized_end=1611
+  _globals['_SCORERESPONSE']._serialized_start=1613
+  _globals['_SCORERESPONSE']._serialized_end=1738
+  _globals['_SCORINGSERVICE']._serialized_start=1741
+  _globals['_SCORINGSERVICE']._serialized_end=2226
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class CkksParameters(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., security_bits: _Optional[int] = ..., slot_count: _Optional[int] = ..., catalog_scale_bits: _Optional[int] = ..., preset: _Optional[str] = ...) -> None: ...
 
 class SizeLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size", "max_queries_per_request")
+    __slots__ = ("max_message_bytes", "max_key_chunk_bytes", "max_key_bytes", "max_query_bytes", "max_item_ids", "max_page_size", "max_queries_per_request", "max_name_chars", "max_item_id_chars")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_KEY_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class SizeLimits(_message.Message):
     MAX_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERIES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEM_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_key_chunk_bytes: int
     max_key_bytes: int
@@ -58,7 +60,9 @@ class SizeLimits(_message.Message):
     max_item_ids: int
     max_page_size: int
     max_queries_per_request: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ..., max_queries_per_request: _Optional[int] = ...) -> None: ...
+    max_name_chars: int
+    max_item_id_chars: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_key_chunk_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_page_size: _Optional[int] = ..., max_queries_per_request: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_item_id_chars: _Optional[int] = ...) -> None: ...
 
 class KeyRetentionPolicy(_message.Message):
     __slots__ = ("ttl_seconds", "max_keys", "max_bytes", "max_keys_per_caller")
