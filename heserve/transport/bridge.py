@@ -477,7 +477,8 @@ def caller_key(
         caller = authenticator.authenticate(metadata)
         if caller is not None:
             return f"caller:{caller.name}"
-    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    scheme, _, address = peer.partition(":")  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
+    host = address.rsplit(":", 1)[0] if scheme in ("ipv4", "ipv6") else peer
     return f"address:{host}"
 
 
@@ -496,10 +497,23 @@ class CallAdmission(AioInterceptor):
         self.authenticator = authenticator
         self._calls: dict[str, int] = {}
         self._streams: dict[str, int] = {}
+        self._changed = threading.Condition()
 
     def held(self, key: str) -> tuple[int, int]:
         """(calls, streams) `key` holds now."""
-        return self._calls.get(key, 0), self._streams.get(key, 0)
+        with self._changed:
+            return self._calls.get(key, 0), self._streams.get(key, 0)
+
+    def wait_held(self, key: str, streams: int, timeout: float, calls: int | None = None) -> bool:
+        """Wait until `key` holds `streams` streams (and `calls` calls, if given);
+        False if `timeout` seconds pass first. For operators' probes and tests."""
+
+        def reached() -> bool:
+            held_calls, held_streams = self._calls.get(key, 0), self._streams.get(key, 0)
+            return held_streams == streams and (calls is None or held_calls == calls)
+
+        with self._changed:
+            return self._changed.wait_for(reached, timeout)
 
     async def intercept_service(
         self,
@@ -538,24 +552,28 @@ class CallAdmission(AioInterceptor):
         return _wrapped(handler, admitted)
 
     def _admit(self, key: str, streaming: bool) -> str:
-        calls, streams = self.held(key)
-        if calls >= self.limits.max_calls_per_caller:
-            return f"too many calls at once: {self.limits.max_calls_per_caller} per caller"
-        if streaming and streams >= self.limits.max_streams_per_caller:
-            return f"too many streams at once: {self.limits.max_streams_per_caller} per caller"
-        self._calls[key] = calls + 1
-        if streaming:
-            self._streams[key] = streams + 1
+        with self._changed:
+            calls, streams = self._calls.get(key, 0), self._streams.get(key, 0)
+            if calls >= self.limits.max_calls_per_caller:
+                return f"too many calls at once: {self.limits.max_calls_per_caller} per caller"
+            if streaming and streams >= self.limits.max_streams_per_caller:
+                return f"too many streams at once: {self.limits.max_streams_per_caller} per caller"
+            self._calls[key] = calls + 1
+            if streaming:
+                self._streams[key] = streams + 1
+            self._changed.notify_all()
         return ""
 
     def _release(self, key: str, streaming: bool) -> None:
-        for counts, counted in ((self._calls, True), (self._streams, streaming)):
-            if counted:
-                left = counts[key] - 1
-                if left:
-                    counts[key] = left
-                else:
-                    del counts[key]
+        with self._changed:
+            for counts, counted in ((self._calls, True), (self._streams, streaming)):
+                if counted:
+                    left = counts[key] - 1
+                    if left:
+                        counts[key] = left
+                    else:
+                        del counts[key]
+            self._changed.notify_all()
 
 
 def _wrapped(
