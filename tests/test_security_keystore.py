@@ -123,3 +123,14 @@ def test_the_anonymous_owner_has_no_quota_and_deletion_and_expiry_keep_the_books
 def test_quotas_must_be_positive(quotas: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         _store(8, 100, **quotas)
+
+
+def test_evictions_and_expirations_are_counted_for_metrics() -> None:
+    now = [0.0]
+    store: KeyStore[str] = KeyStore(2, 1000, 10.0, clock=lambda: now[0])
+    for key_id in ("a", "b", "c"):  # the third evicts the least recently used
+        store.put(key_id, key_id, 1)
+    assert (store.evictions, store.expirations) == (1, 0)
+    now[0] = 11.0
+    assert store.get("c") is None  # expired on the next access
+    assert (store.evictions, store.expirations) == (1, 2)

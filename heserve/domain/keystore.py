@@ -89,6 +89,10 @@ class KeyStore(Generic[K]):
         self._holdings: dict[str, _Holding] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self.evictions = 0
+        """Entries dropped to make room (LRU or a caller's quota): /metrics counts them."""
+        self.expirations = 0
+        """Entries dropped because they went unused for ttl_seconds."""
 
     def put(self, key_id: str, keys: K, size: int, owner: str = ANONYMOUS_OWNER) -> None:
         """Store (or refresh) `owner`'s keys, evicting to make room: first the owner's own
@@ -109,10 +113,13 @@ class KeyStore(Generic[K]):
                 or (quota_bytes is not None and mine.size + size > quota_bytes)
             ):
                 self._discard(self._least_recently_used({owner}))
+                self.evictions += 1
             while self._entries and len(self._entries) >= self.max_keys:
                 self._discard(self._fair_victim(owner, size, by_bytes=False))
+                self.evictions += 1
             while self._entries and self._bytes + size > self.max_bytes:
                 self._discard(self._fair_victim(owner, size, by_bytes=True))
+                self.evictions += 1
             self._entries[key_id] = _Entry(keys, size, self._clock(), owner)
             holding = self._holdings.setdefault(owner, _Holding())
             holding.count += 1
@@ -199,3 +206,4 @@ class KeyStore(Generic[K]):
             if entry.last_used > deadline:
                 break
             self._discard(key_id)
+            self.expirations += 1
