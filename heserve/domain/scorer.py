@@ -295,6 +295,8 @@ class Scorer:
                 reason=CONJUGATION_KEY_MISSING,
             )
         loaded = tuple(Sealed(blob, self._load_query(blob)) for blob in queries)
+        # Each query is answered in the SEAL 4.x version its header carried.
+        minors = [wire.seal_minor(blob) for blob in queries]
         call = ScoreCall(catalog_name, key_id, keys, loaded)
         if positions is None:
             runs = self.backend.score(call)
@@ -309,7 +311,8 @@ class Scorer:
         try:
             for per_query in runs:
                 finished = [
-                    self._finish(scores, keys.value, complex_scores) for scores in per_query
+                    self._finish(scores, keys.value, complex_scores, minor)
+                    for scores, minor in zip(per_query, minors, strict=True)
                 ]
                 for part in range(len(finished[0])):
                     offset = index * per_response
@@ -324,14 +327,17 @@ class Scorer:
         except ShardUnavailableError as exc:
             raise UnavailableError(f"{exc}; retry the query") from None
 
-    def _finish(self, scores: bytes, keys: seal.GaloisKeys, complex_scores: bool) -> list[bytes]:
-        """A chunk's result as it goes on the wire: with noise, split if real slots were asked."""
+    def _finish(
+        self, scores: bytes, keys: seal.GaloisKeys, complex_scores: bool, minor: int
+    ) -> list[bytes]:
+        """A chunk's result as it goes on the wire (tagged SEAL 4.`minor`): with noise,
+        split if real slots were asked."""
         if complex_scores and not self.protection.enabled:
-            return [wire.ciphertext_to_wire(scores)]
+            return [wire.ciphertext_to_wire(scores, minor)]
         ciphertext = wire.load_ciphertext(self.engine.context, scores, BOUNDED_OBJECT_BYTES)
         self._noise.add_to(ciphertext)
         parts = [ciphertext] if complex_scores else self.engine.split_complex(ciphertext, keys)
-        return [wire.ciphertext_to_wire(wire.to_bytes(part)) for part in parts]
+        return [wire.ciphertext_to_wire(wire.to_bytes(part), minor) for part in parts]
 
     def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
         if not item_ids:

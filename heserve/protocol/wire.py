@@ -6,12 +6,16 @@ own loader inflates zlib/zstd payloads without an output limit, which would let 
 few kilobytes of upload allocate gigabytes; so compressed payloads are inflated
 here with a hard limit and handed to SEAL uncompressed.
 
-SEAL loads only objects whose headers (the outer one and those of nested objects)
-name its own major.minor version. The wire speaks SEAL 4.1 serialization, what the
-released Microsoft SEAL 4.1 and its bindings (node-seal, SEAL-Python, SEALNet) read
-and write; TenSEAL's SEAL writes 4.3 headers over the same object layout. So every
-object is re-tagged here: to the local version before loading, to 4.1 (compression
-mode none) before it goes on the wire (`ciphertext_to_wire`, `galois_keys_to_wire`).
+SEAL loads only objects whose headers (the outer one and those of nested objects:
+a Ciphertext's data array and PRNG seed, each key of a GaloisKeys) name its own
+major.minor version. SEAL 4.0 to 4.3 share one layout for Ciphertext, Plaintext and
+KSwitchKeys (TenSEAL's SEAL writes 4.3 headers, the released Microsoft SEAL 4.1 and
+its bindings, node-seal, SEAL-Python and SEALNet, write 4.1), and this module walks
+that layout header by header, refusing bytes that do not follow it. So an object
+tagged with any of those versions is accepted: re-tagged to the local version
+before loading. What goes out is tagged in the version the client speaks
+(`ciphertext_to_wire(blob, minor)`: the server answers each query in the version it
+carried), 4.1 by default, compression mode none; no client has to patch bytes.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ _HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr m
 _MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZLIB, _COMPR_ZSTD = 0, 1, 2
 # SEAL 4 minor versions whose Ciphertext, Plaintext and KSwitchKeys layouts are the
-# same byte for byte (checked by loading each side's objects in the other's SEAL).
-_SAME_LAYOUT_MINORS = frozenset({1, 3})
+# same byte for byte (4.1 and 4.3 checked by loading each side's objects in the
+# other's SEAL; 4.0 introduced the layout, with the correction factor, and 4.2 was
+# never released with another): every header of an object is checked against it.
+ACCEPTED_MINORS = frozenset({0, 1, 2, 3})
+_SAME_LAYOUT_MINORS = ACCEPTED_MINORS
 _WIRE_MINOR = 1  # the wire speaks SEAL 4.1
 _OWN_OBJECT_BYTES = 1 << 31  # inflate limit for objects this process made itself
 _CIPHERTEXT_FIELDS = 32 + 1 + 5 * 8  # parms_id, is_ntt_form, size, N, primes, scale, corr.
@@ -73,12 +80,29 @@ def to_bytes(obj: _Saveable) -> bytes:
         return path.read_bytes()
 
 
-def ciphertext_to_wire(blob: bytes) -> bytes:
-    """A serialized Ciphertext (any SEAL 4.1/local version, any compression) as the wire
-    carries it: SEAL 4.1 serialization, compression mode none, which any SEAL 4.1
-    binding loads as it is.
+def ciphertext_to_wire(blob: bytes, minor: int = _WIRE_MINOR) -> bytes:
+    """A serialized Ciphertext (any accepted SEAL 4.x tag, any compression) as the wire
+    carries it: tagged SEAL 4.`minor` (default 4.1, which any SEAL 4.1 binding loads as
+    it is; the server passes the version its client's query carried), compression
+    mode none.
     """
-    return _retagged(_uncompressed(blob, _OWN_OBJECT_BYTES), _KIND_CIPHERTEXT, _WIRE_MINOR)
+    if minor not in ACCEPTED_MINORS:
+        raise SerializationError(f"SEAL 4.{minor} is not a version the wire speaks")
+    return _retagged(_uncompressed(blob, _OWN_OBJECT_BYTES), _KIND_CIPHERTEXT, minor)
+
+
+def seal_minor(blob: bytes) -> int:
+    """The SEAL 4.x minor version a serialized object's header names (checked when the
+    object is loaded; here only read, to answer in the same version)."""
+    if len(blob) < _HEADER.size:
+        raise SerializationError("payload is shorter than a SEAL header")
+    minor = int(_HEADER.unpack_from(blob)[3])
+    if minor not in ACCEPTED_MINORS:
+        raise SerializationError(
+            f"SEAL 4.{minor} is not accepted: the wire speaks SEAL "
+            + ", ".join(f"4.{m}" for m in sorted(ACCEPTED_MINORS))
+        )
+    return minor
 
 
 def galois_keys_to_wire(blob: bytes) -> bytes:
@@ -140,7 +164,11 @@ def _retag_header(buffer: bytearray, pos: int, end: int, minor: int) -> int:
         or reserved != 0
         or not _HEADER.size <= size <= end - pos
     ):
-        raise SerializationError("not a SEAL 4.1 object of the expected layout")
+        raise SerializationError(
+            "not a SEAL 4.x object of the expected layout (versions "
+            + ", ".join(f"4.{m}" for m in sorted(ACCEPTED_MINORS))
+            + ", compression none, zlib or zstd)"
+        )
     buffer[pos + 4] = minor
     return pos + int(size)
 
