@@ -160,7 +160,25 @@ export class HeserveClient {
     return client
   }
 
-  constructor(target, { compression = 'none', encryption = 'symmetric', timeoutMs = 120_000 } = {}) {
+  /**
+   * target: host:port. Options: compression and encryption of uploads; timeoutMs per
+   * call; token: an API token, sent as `authorization: Bearer TOKEN` on every call;
+   * tls: speak TLS (true with the system's roots, or give tlsCa, a PEM Buffer);
+   * tlsCert and tlsKey (PEM Buffers): this client's certificate, for mutual TLS.
+   */
+  constructor(
+    target,
+    {
+      compression = 'none',
+      encryption = 'symmetric',
+      timeoutMs = 120_000,
+      token = '',
+      tls = false,
+      tlsCa = null,
+      tlsCert = null,
+      tlsKey = null,
+    } = {},
+  ) {
     if (!['none', 'zlib', 'zstd'].includes(compression)) {
       throw new HeserveError(`unknown compression mode ${compression}`)
     }
@@ -175,8 +193,18 @@ export class HeserveClient {
     this.keyId = ''
     this.catalogInfo = new Map()
     this.itemIdCache = new Map()
+    if (/[\s,]/.test(token)) throw new HeserveError('a token holds no blank and no comma')
+    if ((tlsCert === null) !== (tlsKey === null)) {
+      throw new HeserveError('mutual TLS needs both tlsCert and tlsKey')
+    }
+    this.metadata = new grpc.Metadata()
+    if (token) this.metadata.set('authorization', `Bearer ${token}`)
+    const secure = tls || tlsCa !== null || tlsCert !== null
+    const credentials = secure
+      ? grpc.credentials.createSsl(tlsCa, tlsKey, tlsCert)
+      : grpc.credentials.createInsecure()
     const Service = loadService()
-    this.stub = new Service(target, grpc.credentials.createInsecure(), {
+    this.stub = new Service(target, credentials, {
       'grpc.max_receive_message_length': CHANNEL_MESSAGE_BYTES,
       'grpc.max_send_message_length': CHANNEL_MESSAGE_BYTES,
     })
@@ -189,7 +217,7 @@ export class HeserveClient {
 
   #unary(method, request) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, { deadline: this.#deadline() }, (error, reply) =>
+      this.stub[method](request, this.metadata, { deadline: this.#deadline() }, (error, reply) =>
         error ? reject(fromRpcError(error)) : resolve(reply),
       )
     })
@@ -258,7 +286,7 @@ export class HeserveClient {
     const chunkBytes = Math.min(KEY_CHUNK_BYTES, Number(this.info.limits.max_key_chunk_bytes) || KEY_CHUNK_BYTES)
     const reply = await this.#time('register_keys_ms', () =>
       new Promise((resolve, reject) => {
-        const call = this.stub.RegisterKeys({ deadline: this.#deadline() }, (error, response) =>
+        const call = this.stub.RegisterKeys(this.metadata, { deadline: this.#deadline() }, (error, response) =>
           error ? reject(fromRpcError(error)) : resolve(response),
         )
         for (let start = 0; start < blob.length; start += chunkBytes) {
@@ -382,7 +410,9 @@ export class HeserveClient {
         call.cancel()
         reject(error)
       }
-      const call = this.stub.Score({ ...request, key_id: this.keyId }, { deadline: this.#deadline() })
+      const call = this.stub.Score({ ...request, key_id: this.keyId }, this.metadata, {
+        deadline: this.#deadline(),
+      })
       call.on('data', (reply) => {
         if (failed) return
         try {

@@ -1,10 +1,16 @@
 #!/usr/bin/env node
 // Usage: node recommend.mjs TARGET CATALOG VECTOR_JSON_FILE K
 //          [--compression none|zlib|zstd] [--encryption symmetric|public] [--timings]
+//          [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
+//
+// An API token, if the server wants one, is read from the HESERVE_TOKEN environment
+// variable (never from the command line, where other users can read it). --tls
+// speaks TLS (with the system's roots, or --tls-ca's); --tls-cert and --tls-key
+// present this client's certificate (mutual TLS).
 //
 // Prints the top K of CATALOG for the user vector in VECTOR_JSON_FILE (a JSON
 // array of numbers) as JSON, [[item_id, score], ...], best first. The vector is
-// encrypted here; the server at TARGET (host:port, plaintext gRPC) never sees it.
+// encrypted here; the server at TARGET (host:port) never sees it.
 // --timings writes the phases' timings and byte counts as JSON to stderr.
 
 import { readFileSync } from 'node:fs'
@@ -14,7 +20,12 @@ import { HeserveClient } from './heserve-client.mjs'
 
 const USAGE =
   'usage: node recommend.mjs TARGET CATALOG VECTOR_JSON_FILE K ' +
-  '[--compression none|zlib|zstd] [--encryption symmetric|public] [--timings]'
+  '[--compression none|zlib|zstd] [--encryption symmetric|public] [--timings] ' +
+  '[--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]'
+
+function pem(path) {
+  return path === undefined ? null : readFileSync(path)
+}
 
 async function main() {
   const { values, positionals } = parseArgs({
@@ -24,6 +35,10 @@ async function main() {
       encryption: { type: 'string', default: 'symmetric' },
       timings: { type: 'boolean', default: false },
       'timeout-ms': { type: 'string', default: '120000' },
+      tls: { type: 'boolean', default: false },
+      'tls-ca': { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
     },
   })
   if (positionals.length !== 4) throw new Error(USAGE)
@@ -39,6 +54,11 @@ async function main() {
     compression: values.compression,
     encryption: values.encryption,
     timeoutMs: Number(values['timeout-ms']),
+    token: process.env.HESERVE_TOKEN ?? '',
+    tls: values.tls,
+    tlsCa: pem(values['tls-ca']),
+    tlsCert: pem(values['tls-cert']),
+    tlsKey: pem(values['tls-key']),
   })
   let top
   try {
