@@ -31,6 +31,7 @@ from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client._errors import (
     HeserveError,
+    InvalidRequestError,
     KeyNotFoundError,
     NotFoundError,
     ParameterMismatchError,
@@ -56,6 +57,12 @@ _MAX_RECONNECT_BACKOFF_MS = 2000
 _FIRST_RETRY_PAUSE = 0.05
 _MAX_RETRY_PAUSE = _MAX_RECONNECT_BACKOFF_MS / 1000
 _REGISTRATION_SUFFIX = ".registration"
+RERANK_LOCALLY_UP_TO = 6
+"""Catalog chunks per chunk of candidates up to which a re-ranking scores the whole
+catalog instead. Measured with 100 candidates (one run, 2-core machine): 7 chunks at
+d = 256, 221 ms for the whole catalog against 251 ms for the server's re-ranking
+(it encodes the candidates' 256 diagonals per query); 8 chunks at d = 128, 187 ms
+against 162 ms; 16 chunks, 200 ms against 149 ms."""
 
 
 def _pem(source: PemSource | None) -> bytes | None:
@@ -171,6 +178,13 @@ class Client:
     call retried once; keys the server forgot are registered again. Errors are
     HeserveError subclasses, one per status and ErrorInfo reason.
 
+    Re-ranking (`score(..., item_ids=...)`): the server encodes a list of candidates
+    per query, which costs more than scoring a catalog it holds encoded unless the
+    catalog is several times larger than the list. Up to RERANK_LOCALLY_UP_TO catalog
+    chunks per chunk of candidates, the client scores the whole catalog and picks the
+    candidates itself (about as fast, and the server does not learn the candidates);
+    `rerank_locally` True or False forces one way.
+
     Connection: `token` is sent as `authorization: Bearer <token>` on every call.
     TLS is used when `tls` is true or any `tls_*` option is given: `tls_ca` is the CA
     that signed the server's certificate (default: the system's roots), `tls_cert` and
@@ -192,6 +206,7 @@ class Client:
         channel: grpc.Channel | None = None,
         forget_keys_on_close: bool | None = None,
         retry_unavailable: bool = True,
+        rerank_locally: bool | None = None,
         token: str | None = None,
         tls: bool = False,
         tls_ca: PemSource | None = None,
@@ -209,6 +224,8 @@ class Client:
             key_file is None if forget_keys_on_close is None else forget_keys_on_close
         )
         self.retry_unavailable = retry_unavailable
+        self.rerank_locally = rerank_locally
+        self._row_maps: dict[str, tuple[str, dict[str, int]]] = {}
         self._connected = False  # retries begin once the server has answered once
         self.stats = TransferStats()
         self.last_request_id = ""
@@ -487,6 +504,9 @@ class Client:
         vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
         item_ids: Sequence[str] | None,
     ) -> list[npt.NDArray[np.float64]]:
+        if item_ids and self._select_locally(info, len(item_ids)):
+            rows = self._positions(info, item_ids)
+            return [scores[rows] for scores in self._score_under(info, vectors, None)]
         catalog = info.name
         encrypted: list[bytes] = []
         started = time.perf_counter()
@@ -519,6 +539,46 @@ class Client:
             )
             results.extend(self._score_registered(request, expected, len(batch)))
         return results
+
+    def _select_locally(self, info: CatalogInfo, candidates: int) -> bool:
+        """Whether to re-rank by scoring the whole catalog and picking the candidates here.
+
+        The server keeps the catalog encoded ahead of time, but a list of candidates it
+        must encode per query (d' plaintext encodings per 2S candidates, which cost
+        several times the products). Up to RERANK_LOCALLY_UP_TO catalog chunks per
+        chunk of candidates, the whole catalog is the faster query, and the server
+        then does not learn which items were candidates. `rerank_locally` decides
+        instead when set.
+        """
+        if self.rerank_locally is not None:
+            return self.rerank_locally
+        per_chunk = 2 * info.items_per_response  # complex scores: two per slot
+        catalog_chunks = -(-info.item_count // per_chunk)
+        candidate_chunks = -(-candidates // per_chunk)
+        return catalog_chunks <= RERANK_LOCALLY_UP_TO * candidate_chunks
+
+    def _positions(self, info: CatalogInfo, item_ids: Sequence[str]) -> list[int]:
+        """Rows of `item_ids` in the catalog; unknown or repeated ids are refused as the
+        server would refuse them."""
+        if len(set(item_ids)) != len(item_ids):
+            raise InvalidRequestError(
+                "item_ids contains repeated ids", grpc.StatusCode.INVALID_ARGUMENT
+            )
+        rows = self._rows_by_id(info)
+        missing = next((item for item in item_ids if item not in rows), None)
+        if missing is not None:
+            raise NotFoundError(
+                f"unknown item id {missing[:64]!r} in catalog {info.name!r}",
+                grpc.StatusCode.NOT_FOUND,
+            )
+        return [rows[item] for item in item_ids]
+
+    def _rows_by_id(self, info: CatalogInfo) -> dict[str, int]:
+        cached = self._row_maps.get(info.name)
+        if cached is None or cached[0] != info.version:
+            cached = (info.version, {item: i for i, item in enumerate(self._item_ids(info))})
+            self._row_maps[info.name] = cached
+        return cached[1]
 
     def _score_registered(
         self, request: pb.ScoreRequest, expected: int, queries: int
