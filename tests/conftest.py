@@ -116,7 +116,7 @@ def target(server: RunningServer) -> str:
 
 @pytest.fixture(scope="session")
 def client(target: str) -> Iterator[Client]:
-    with Client(target) as session_client:
+    with Client(target, rerank_locally=False) as session_client:  # the server's re-ranking
         yield session_client
 
 

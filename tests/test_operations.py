@@ -93,7 +93,7 @@ def test_metrics_over_http_count_requests_errors_latency_items_keys_and_bytes(
     assert server.metrics_port is not None
     target = f"127.0.0.1:{server.port}"
 
-    client = Client(target)
+    client = Client(target, rerank_locally=False)  # the server's re-ranking is counted
     client.score(user, catalog="shop")
     client.score(user, catalog="shop", item_ids=["shop-5", "shop-1", "shop-9"])
     with grpc.insecure_channel(target) as channel:

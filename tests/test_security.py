@@ -327,7 +327,7 @@ def test_every_call_but_health_needs_a_known_token(
     with pytest.raises(HeserveError) as refused:
         Client(target)
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with Client(target, token=alice) as client:
+    with Client(target, token=alice, rerank_locally=False) as client:
         scores = client.score(user, catalog="shop")
     np.testing.assert_allclose(scores, shop.embeddings @ user, atol=1e-4)
 
@@ -383,7 +383,7 @@ def test_query_budget_is_per_token(
         query_budget=QueryBudget(2, window_seconds=3600),
     )
 
-    with Client(target, token=alice) as client:
+    with Client(target, token=alice, rerank_locally=False) as client:
         client.score(user, catalog="shop")
         client.score(user, catalog="shop", item_ids=["sku-3", "sku-1"])
         with pytest.raises(LimitExceededError) as spent:
@@ -647,7 +647,7 @@ def test_full_session_logs_at_debug_hold_no_keys_queries_scores_or_vectors(
     recorder = _Recorder()
     channel = grpc.intercept_channel(grpc.insecure_channel(served.target), recorder)
 
-    with Client(served.target, token=alice, channel=channel) as client:
+    with Client(served.target, token=alice, channel=channel, rerank_locally=False) as client:
         key_id = client.register_keys()
         client.score(user, catalog="shop")  # budget 1
         client.score(user, catalog="shop", item_ids=["7", "2", "400"])  # 2 (row numbers)

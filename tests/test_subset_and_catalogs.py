@@ -293,7 +293,7 @@ def test_client_scores_over_several_complex_responses(
     large_target: str, large: Catalog, large_user: FloatArray
 ) -> None:
     item_ids, rows = sample_ids(large, 2 * SLOTS + 500, seed=34)
-    with Client(large_target, timeout=TIMEOUT) as client:
+    with Client(large_target, timeout=TIMEOUT, rerank_locally=False) as client:
         whole = client.score(large_user, catalog="large")
         whole_bytes = client.stats.last_response_bytes
         subset = client.score(large_user, catalog="large", item_ids=item_ids)
