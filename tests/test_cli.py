@@ -381,6 +381,35 @@ def test_recommend_re_ranks_candidates_and_reads_text_vectors(
     )
 
 
+def test_recommend_scores_several_vectors_in_one_call(
+    tmp_path: Path, json_server: Served, small_catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    """A (k, d) .npy or one vector a line: each ranked, under a header, in file order."""
+    embeddings, ids = small_catalog
+    users = unit_rows(3, 20, seed=35)
+    np.save(tmp_path / "users.npy", users)
+    (tmp_path / "users.txt").write_text(
+        "\n".join(" ".join(f"{x:.17g}" for x in user) for user in users) + "\n"
+    )
+    for name in ("users.npy", "users.txt"):
+        result = heserve(
+            "recommend", "--server", json_server.target, "--catalog", "shop",
+            "--vector", name, "-k", "2", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert [line for line in lines if line.startswith("vector")] == [
+            "vector 1",
+            "vector 2",
+            "vector 3",
+        ]
+        ranked = [m[2] for m in map(RANK_LINE.match, lines) if m]
+        expected = [
+            ids[i] for user in users for i in np.argsort(-(embeddings @ user), kind="stable")[:2]
+        ]
+        assert ranked == expected
+
+
 def test_recommend_exit_statuses_and_one_line_errors(tmp_path: Path, json_server: Served) -> None:
     np.save(tmp_path / "u.npy", unit_rows(1, 20, seed=35)[0])
     (tmp_path / "garbage.bin").write_bytes(b"\x00\x01not numbers\xff")

@@ -212,6 +212,34 @@ def _client_errors() -> Iterator[None]:
 _NPY_MAGIC = b"\x93NUMPY"
 
 
+def load_vectors(path: Path) -> np.ndarray:
+    """One user vector or several, as rows, from `path`: a .npy array (d,) or (k, d), or
+    text: numbers separated by blanks or commas, one vector a line (a file of one
+    number a line, as `numpy.savetxt` writes a vector, is one vector)."""
+    data = path.read_bytes()
+    if not data.startswith(_NPY_MAGIC):
+        lines = [line for line in data.splitlines() if line.strip()]
+        rows = [[f for f in re.split(rb"[\s,;]+", line) if f] for line in lines]
+        if len(rows) > 1 and all(len(row) > 1 for row in rows):
+            try:
+                vectors = np.array([[float(f) for f in row] for row in rows], dtype=np.float64)
+            except ValueError:
+                raise ValueError(
+                    f"{path}: lines of numbers separated by blanks or commas"
+                ) from None
+            if vectors.ndim != 2:
+                raise ValueError(f"{path}: every line (vector) must hold as many numbers")
+            return vectors
+        return load_vector(path)[None, :]
+    try:
+        array = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+    except ValueError:
+        return load_vector(path)[None, :]  # its message says what is wrong
+    if array.ndim == 2 and array.shape[0] > 1 and array.shape[1] > 0:
+        return array
+    return load_vector(path)[None, :]
+
+
 def load_vector(path: Path) -> np.ndarray:
     """A user vector from `path`: a .npy array, or text numbers separated by blanks,
     commas or new lines (what `numpy.savetxt` or a spreadsheet writes)."""
@@ -249,7 +277,7 @@ def _read_item_ids(path: Path) -> list[str]:
 def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
     from heserve_client import Client
 
-    vector = load_vector(args.vector)
+    vectors = load_vectors(args.vector)
     candidates = None if args.item_ids is None else _read_item_ids(args.item_ids)
     if args.k < 1:
         raise config.ConfigError("-k: must be at least 1")
@@ -266,7 +294,12 @@ def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
             tls_server_name=args.tls_server_name,
         ) as client,
     ):
-        ranking = client.recommend(vector, catalog=args.catalog, k=args.k, item_ids=candidates)
+        rankings = client.recommend_many(
+            vectors, catalog=args.catalog, k=args.k, item_ids=candidates
+        )
+    for number, ranking in enumerate(rankings, 1):
+        if len(rankings) > 1:  # one header a vector; one vector prints as it always did
+            print(f"vector {number}")
         _print_ranking(ranking)
     return 0
 
@@ -407,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         metavar="PATH",
-        help="user vector: a .npy file, or text numbers separated by blanks or commas",
+        help="user vector: a .npy file, or text numbers separated by blanks or commas; "
+        "several vectors (a (k, d) .npy, or one vector a line) are scored in one pass and "
+        "ranked one after the other",
     )
     recommend.add_argument(
         "-k", type=int, default=10, metavar="N", help="how many items to print (default: 10)"
