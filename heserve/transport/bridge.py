@@ -267,15 +267,23 @@ class SyncBridge(GenericHandler):
         def step(function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
             return loop.run_in_executor(self._executor, call_context.run, function, *args)
 
+        received: list[bytes] = []  # an upload's messages, as they arrive
         try:
-            request = await self._request(resolved, handler, raw, context)
+            request = await self._request(resolved, handler, raw, context, received)
         except _Unreadable as exc:
             await self._refuse_unreadable(call_context, details.method, context, str(exc))
             raise AssertionError("unreachable: abort raises") from None
-        except _UploadTimeout as exc:
+        except (_UploadTimeout, asyncio.CancelledError) as exc:
+            # The upload was cut (the client hung up, or it timed out): the handler
+            # still runs, on what arrived and with the call over, so that it stores
+            # nothing and says so, and the call is logged and counted like any other.
             sync.finish()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-            raise AssertionError("unreachable: abort raises") from None
+            if isinstance(exc, _UploadTimeout):
+                sync.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._executor.submit(call_context.run, _run_cut_upload, resolved, received, sync)
+            if isinstance(exc, _UploadTimeout):
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            raise
 
         if not resolved.response_streaming:
             behaviour = resolved.unary_unary or resolved.stream_unary
@@ -366,6 +374,7 @@ class SyncBridge(GenericHandler):
         handler: Handler,
         raw: bytes | None,
         context: aio.ServicerContext[Any, Any],
+        received: list[bytes],
     ) -> Any:
         """The request as the resolved handler takes it: parsed, unless it is a refusal
         (no deserializer), which is given the raw bytes or, for an upload, no message
@@ -376,16 +385,16 @@ class SyncBridge(GenericHandler):
             return iter((message,)) if resolved.request_streaming else message
         if parse is None:
             return iter(())
-        messages = [_parsed(parse, data) for data in await self._upload(context)]
+        await self._upload(context, received)
+        messages = [_parsed(parse, data) for data in received]
         return iter(messages) if resolved.request_streaming else messages[0]
 
-    async def _upload(self, context: aio.ServicerContext[Any, Any]) -> list[bytes]:
+    async def _upload(self, context: aio.ServicerContext[Any, Any], messages: list[bytes]) -> None:
         """Every message of a streamed upload, each within `upload_idle_seconds` of the
         last and all within `upload_total_seconds`; reading stops once the bytes pass
         `max_upload_bytes` (the handler then refuses the upload for its size)."""
         limits = self._limits
         ends_by = time.monotonic() + limits.upload_total_seconds
-        messages: list[bytes] = []
         received = 0
         while received <= self._max_upload_bytes:
             left = ends_by - time.monotonic()
@@ -403,7 +412,6 @@ class SyncBridge(GenericHandler):
             data = bytes(message)
             received += len(data)
             messages.append(data)
-        return messages
 
     async def _send_initial_metadata(
         self, context: aio.ServicerContext[Any, Any], sync: SyncContext
@@ -456,6 +464,21 @@ class SyncBridge(GenericHandler):
         self._metrics.requests.labels(service, name).inc()
         self._metrics.errors.labels(service, name, "INVALID_ARGUMENT").inc()
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def _run_cut_upload(resolved: Handler, received: list[bytes], sync: SyncContext) -> None:
+    """Run an upload's handler on the messages that arrived before the upload was cut
+    (those that parse), with its call over; whatever it raises is already logged."""
+    behaviour = resolved.stream_unary
+    parse = resolved.request_deserializer
+    if behaviour is None or parse is None:
+        return
+    messages = []
+    for data in received:
+        with contextlib.suppress(_Unreadable):
+            messages.append(_parsed(parse, data))
+    with contextlib.suppress(Exception):
+        behaviour(iter(messages), sync)  # type: ignore[arg-type]
 
 
 def _parsed(parse: Callable[[bytes], Any], data: bytes) -> Any:
