@@ -89,7 +89,7 @@ class Shard:
         plan, chunks = self._catalogs[catalog]
         source = chunks if rows is None else rows
         for results in self.engine.score_many(plan, source, queries, keys):
-            yield [wire.to_bytes(scores) for scores in results]
+            yield [self.engine.serialize(scores) for scores in results]
 
     def answer(self, request: ShardQuery) -> Iterator[list[bytes]]:
         """`score` for queries that arrived as bytes, keeping the keys they brought."""

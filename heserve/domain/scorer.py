@@ -337,7 +337,7 @@ class Scorer:
         ciphertext = wire.load_ciphertext(self.engine.context, scores, BOUNDED_OBJECT_BYTES)
         self._noise.add_to(ciphertext)
         parts = [ciphertext] if complex_scores else self.engine.split_complex(ciphertext, keys)
-        return [wire.ciphertext_to_wire(wire.to_bytes(part), minor) for part in parts]
+        return [wire.ciphertext_to_wire(self.engine.serialize(part), minor) for part in parts]
 
     def _positions(self, catalog: Catalog, item_ids: list[str]) -> list[int] | None:
         if not item_ids:

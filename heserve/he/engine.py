@@ -17,6 +17,7 @@ kernel cannot see SEAL's memory (see heserve.he.limbs).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import tenseal.sealapi as seal
 
 from heserve.he import limbs
 from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray, imaginary_signs
 
@@ -179,6 +181,24 @@ class Engine:
     ) -> list[Chunk]:
         """Encode a whole catalog's chunks; see `encode_chunks`."""
         return self.encode_chunks(plan, plan.chunk_rows(embeddings), memory_budget, progress)
+
+    def serialize(self, ciphertext: seal.Ciphertext) -> bytes:
+        """A ciphertext this engine made, as the wire carries it (SEAL 4.1, uncompressed):
+        straight from its residues where the kernel can view them, else through SEAL's
+        own serialization (a temporary file, compressed, then inflated again)."""
+        if self.native:
+            with contextlib.suppress(limbs.LayoutError):
+                residues = limbs.ciphertext_limbs(ciphertext)
+                return wire.ciphertext_bytes(
+                    ciphertext.parms_id(),
+                    ciphertext.is_ntt_form(),
+                    ciphertext.size(),
+                    self.params.poly_modulus_degree,
+                    residues.shape[1],
+                    ciphertext.scale,
+                    residues.data,
+                )
+        return wire.ciphertext_to_wire(wire.to_bytes(ciphertext))
 
     def check_query(self, query: seal.Ciphertext) -> None:
         """Refuse a ciphertext this engine cannot score correctly."""
