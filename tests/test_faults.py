@@ -153,20 +153,21 @@ def test_a_client_hanging_up_mid_upload_registers_nothing_and_frees_its_handler(
             yield pb.RegisterKeysRequest(galois_keys_chunk=blob[start : start + piece])
         release.wait(TIMEOUT)  # the rest never comes: the client hangs up first
 
-    def chunks_received() -> int:
-        return sum("key chunk of" in record.getMessage() for record in caplog.records)
-
+    admission = server.admission
+    assert admission is not None
     with grpc.insecure_channel(_target(server)) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         call = stub.RegisterKeys.future(upload(), timeout=TIMEOUT)
-        _wait_for(lambda: chunks_received() == 3)
-        assert _threads_in("RegisterKeys") == 1  # a server thread waits for the next chunk
+        # The server holds the half-open upload as a stream of this address, and no
+        # thread waits on it (grpc.aio): what it holds, not a thread, is the probe.
+        assert admission.wait_held("address:127.0.0.1", 1, timeout=TIMEOUT)
+        assert _threads_in("RegisterKeys") == 0
 
         assert call.cancel()
         # Release the generator only once the server has seen the hang-up: ended
         # earlier, it could half-close the stream first, and the server would then
         # rightly see a complete (truncated) upload.
-        _wait_for(lambda: _threads_in("RegisterKeys") == 0)
+        assert admission.wait_held("address:127.0.0.1", 0, timeout=TIMEOUT, calls=0)
         release.set()
         _wait_for(lambda: bool(_access_codes(caplog, "RegisterKeys")))
     assert len(scorer.keys) == 0 and scorer.keys.bytes_held == 0

@@ -35,6 +35,11 @@ class ShardUnavailableError(RuntimeError):
     """A shard (worker process, remote actor) failed while it held part of a request."""
 
 
+class ShardFaultError(RuntimeError):
+    """A shard raised an error that is not the request's fault (a bug, a broken
+    environment): the caller gets INTERNAL, the details stay in the server's log."""
+
+
 @dataclass(frozen=True)
 class Sealed(Generic[T]):
     """A SEAL object together with the (validated) bytes it was loaded from."""
@@ -56,6 +61,9 @@ class ScoreCall:
     key_id: str
     keys: Sealed[seal.GaloisKeys]
     queries: tuple[Sealed[seal.Ciphertext], ...]
+    deadline: float | None = None
+    """time.monotonic() past which the caller no longer waits (None: no deadline): a
+    backend waiting for a shard being replaced gives up then, not minutes later."""
 
 
 def shard_chunks(shard: int, shard_count: int, chunk_count: int) -> list[int]:

@@ -30,8 +30,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from heserve.backends.base import ScoreCall, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.backends.base import (
+    ScoreCall,
+    ShardBudget,
+    ShardFaultError,
+    ShardUnavailableError,
+    shard_chunks,
+)
 from heserve.backends.pool_worker import (
+    CANCELLED_SLOTS,
+    CancelledRing,
     ChunkEncoded,
     ChunkScored,
     Failed,
@@ -63,8 +71,9 @@ class _Worker:
     index: int
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    cancelled: ctypes.c_int64
+    cancelled: CancelledRing
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    cancels: int = 0  # the next slot of `cancelled` to write
     keys_held: set[str] = field(default_factory=set)
     alive: bool = True
     ready: threading.Event = field(default_factory=threading.Event)
@@ -145,7 +154,7 @@ class PoolBackend:
 
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
-        cancelled = self._context.RawValue(ctypes.c_int64, 0)
+        cancelled = self._context.RawArray(ctypes.c_int64, CANCELLED_SLOTS)
         process = self._context.Process(
             target=serve_worker,
             args=(back, self.params, cancelled, f"heserve-shard{index}"),
@@ -242,7 +251,9 @@ class PoolBackend:
         if isinstance(message, WorkerDied):
             raise ShardUnavailableError(f"worker {message.worker} died during the request")
         if isinstance(message, Failed):
-            raise QueryError(message.reason)
+            if message.caller_fault:
+                raise QueryError(message.reason)
+            raise ShardFaultError(message.reason)
         return message
 
     def _load_shards(
@@ -302,14 +313,17 @@ class PoolBackend:
         self._load_shards(spec, self._workers, progress)
         self._catalogs[name] = spec
 
-    def _ready_workers(self) -> list[_Worker]:
-        """All workers, waiting for any being replaced (bounded by restart_timeout)."""
+    def _ready_workers(self, call_deadline: float | None = None) -> list[_Worker]:
+        """All workers, waiting for any being replaced: at most restart_timeout, and not
+        past the call's own deadline (its caller would be gone by then)."""
         deadline = time.monotonic() + self.restart_timeout
+        if call_deadline is not None:
+            deadline = min(deadline, call_deadline)
         for index in range(self.shard_count):
             # A dead worker's slot is refilled by a new one: wait on whichever is current.
             while not self._workers[index].ready.wait(0.05):
                 if time.monotonic() > deadline:
-                    raise ShardUnavailableError(f"worker {index} is not ready")
+                    raise ShardUnavailableError(f"worker {index} is being replaced")
         return list(self._workers)
 
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
@@ -328,7 +342,7 @@ class PoolBackend:
         """Send the query to every worker with chunks to score, then yield the `total`
         results in order. `rows_of(indices)`: the rows of those chunks, if not the
         catalog's own (re-ranking)."""
-        workers = self._ready_workers()
+        workers = self._ready_workers(call.deadline)
         request_id, replies = self._open()
         finished = False
         try:
@@ -347,8 +361,10 @@ class PoolBackend:
         finally:
             self._close(request_id)
             if not finished:  # the caller stopped reading (hang-up, deadline) or a shard failed
-                for worker in workers:
-                    worker.cancelled.value = request_id  # spare the others the rest of it
+                for worker in workers:  # spare the others the rest of it
+                    with worker.send_lock:
+                        worker.cancelled[worker.cancels % CANCELLED_SLOTS] = request_id
+                        worker.cancels += 1
 
     def _send_query(
         self,

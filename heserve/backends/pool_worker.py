@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
@@ -21,6 +23,8 @@ from heserve.he.plan import DiagonalPlan
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,11 @@ class ChunkEncoded(Message):
 
 @dataclass(frozen=True)
 class Failed(Message):
-    """The request was refused; `reason` becomes a QueryError in the front."""
+    """The request failed: `caller_fault` (a query this engine cannot score, bytes that
+    do not load) becomes a QueryError in the front, anything else a ShardFaultError."""
 
     reason: str
+    caller_fault: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,14 +137,23 @@ def _progress_to(conn: Connection, request_id: int) -> Progress:
     return lambda done, total: conn.send(ChunkEncoded(request_id))
 
 
+CANCELLED_SLOTS = 64
+"""Queries the front gave up on that a worker remembers (a ring shared with the front):
+enough that a burst of hang-ups cannot push one out before the worker sees it."""
+
+CancelledRing = Any
+"""multiprocessing's RawArray of CANCELLED_SLOTS c_int64 (its type is made at run time)."""
+
+
 def serve_worker(
-    conn: Connection, params: CkksParameters, cancelled: ctypes.c_int64, name: str = ""
+    conn: Connection, params: CkksParameters, cancelled: CancelledRing, name: str = ""
 ) -> None:
     """A worker's loop: keep a shard, answer requests in order, until Stop or EOF.
 
-    `cancelled`, shared with the front, names the last query the front gave up on
-    (its caller hung up or ran out of time): the worker stops it at the next chunk.
-    `name` is what the process shows in `ps` (see `name_process`).
+    `cancelled`, a ring shared with the front, holds the ids of the last queries the
+    front gave up on (their callers hung up or ran out of time): the worker stops any
+    of them at its next chunk. `name` is what the process shows in `ps` (see
+    `name_process`).
     """
     if name:
         name_process(name)
@@ -155,14 +170,17 @@ def serve_worker(
             continue
         try:
             _serve(shard, conn, message, cancelled)
-        except (QueryError, wire.SerializationError, KeyError, ValueError) as exc:
-            conn.send(Failed(message.request_id, f"{type(exc).__name__}: {exc}"))
+        except (QueryError, wire.SerializationError) as exc:
+            conn.send(Failed(message.request_id, str(exc)))
+        except Exception as exc:  # a fault of this worker, not of the request: say so
+            log.exception("worker failed request %d", message.request_id)
+            conn.send(Failed(message.request_id, f"{type(exc).__name__}: {exc}", False))
         else:
             conn.send(Done(message.request_id))
 
 
 def _serve(
-    shard: Shard, conn: Connection, message: LoadShard | ScoreShard, cancelled: ctypes.c_int64
+    shard: Shard, conn: Connection, message: LoadShard | ScoreShard, cancelled: CancelledRing
 ) -> None:
     """Carry out one request, sending its progress or results as they come."""
     request_id = message.request_id
@@ -180,5 +198,5 @@ def _serve(
         return
     for index, scores in zip(message.indices, shard.answer(message.query), strict=True):
         conn.send(ChunkScored(request_id, index, tuple(scores)))
-        if cancelled.value == request_id:
+        if request_id in cancelled[:]:
             return

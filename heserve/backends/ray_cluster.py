@@ -38,10 +38,17 @@ from typing import Any, TypeVar
 import ray
 import ray.exceptions
 
-from heserve.backends.base import ScoreCall, ShardBudget, ShardUnavailableError, shard_chunks
+from heserve.backends.base import (
+    ScoreCall,
+    ShardBudget,
+    ShardFaultError,
+    ShardUnavailableError,
+    shard_chunks,
+)
 from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
+from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
 
@@ -319,7 +326,10 @@ class RayBackend:
             raise ShardUnavailableError("a shard failed during the query") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            raise QueryError(str(cause)) from None
+            if isinstance(cause, QueryError | wire.SerializationError):
+                raise QueryError(str(cause)) from None
+            log.error("a Ray shard failed a query: %s", _cause(exc))
+            raise ShardFaultError("a shard failed the query") from None
 
     def _wait_for_actors(self) -> None:
         """Until every actor answers: Ray refuses tasks while it restarts one."""

@@ -51,6 +51,12 @@ class FailedPreconditionError(ServiceError):
     status = "FAILED_PRECONDITION"
 
 
+class InternalError(ServiceError):
+    """The server failed, not the request: the caller learns no more than that."""
+
+    status = "INTERNAL"
+
+
 class UnavailableError(ServiceError):
     """Transient: retrying may work (e.g. a worker process died mid-query)."""
 

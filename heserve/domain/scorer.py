@@ -22,12 +22,14 @@ from heserve.backends.base import (
     Backend,
     ScoreCall,
     Sealed,
+    ShardFaultError,
     ShardUnavailableError,
 )
 from heserve.backends.local import LocalBackend
 from heserve.domain.catalog import Catalog
 from heserve.domain.errors import (
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -257,6 +259,7 @@ class Scorer:
         version: str = "",
         complex_scores: bool = False,
         more_queries: Sequence[bytes] = (),
+        deadline: float | None = None,
     ) -> Iterator[ScoredRun]:
         """Check the whole request, then yield encrypted score runs in order.
 
@@ -297,7 +300,7 @@ class Scorer:
         loaded = tuple(Sealed(blob, self._load_query(blob)) for blob in queries)
         # Each query is answered in the SEAL 4.x version its header carried.
         minors = [wire.seal_minor(blob) for blob in queries]
-        call = ScoreCall(catalog_name, key_id, keys, loaded)
+        call = ScoreCall(catalog_name, key_id, keys, loaded, deadline)
         if positions is None:
             runs = self.backend.score(call)
             count = catalog.item_count
@@ -324,6 +327,9 @@ class Scorer:
                     index += 1
         except QueryError as exc:
             raise InvalidArgumentError(str(exc)) from None
+        except ShardFaultError as exc:
+            log.error("a shard failed a query: %s", exc)
+            raise InternalError("internal server error: a shard failed the query") from None
         except ShardUnavailableError as exc:
             raise UnavailableError(f"{exc}; retry the query") from None
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -103,6 +104,14 @@ def _catalog_info(entry: ServedCatalog) -> CatalogInfo:
         padded_dimension=plan.padded_dimension,
         items_per_response=plan.slot_count,
     )
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value, None without one."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:  # gRPC reports "none" as centuries
+        return None
+    return time.monotonic() + remaining
 
 
 def _past_deadline(context: grpc.ServicerContext) -> bool:
@@ -220,6 +229,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             request.catalog_version,
             request.complex_scores,
             list(request.more_queries),
+            _deadline(context),
         )
         # Between responses (each computed, or the second half of a split result),
         # look at the call: stop once the client has gone or the deadline passed.
