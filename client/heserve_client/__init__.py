@@ -4,10 +4,23 @@ from heserve_client import Client
 
 with Client("127.0.0.1:50051") as client:
     top = client.recommend(user_vector, catalog="demo", k=10)
+
+Privacy: `Client(..., policy=Policy.mobile())` refuses a server whose privacy statement
+does not meet the policy (PolicyError) before sending anything derived from the user;
+`client.forget_me()` (or `forget_me(target, key_file)`) erases the keys on the server
+and the key file here; `client.popular(catalog)` is the catalog's non-personalized
+order, for a user who has not opted in (nothing about the user is sent).
 """
 
 from heserve.protocol.convert import CatalogInfo
-from heserve_client._client import Client, RegistrationRecord, TransferStats
+from heserve.protocol.privacy import Policy, PrivacyStatement, Unmet
+from heserve_client._client import (
+    Client,
+    ErasureReport,
+    RegistrationRecord,
+    TransferStats,
+    forget_me,
+)
 from heserve_client._errors import (
     ConjugationKeyMissingError,
     HeserveError,
@@ -17,6 +30,7 @@ from heserve_client._errors import (
     NotFoundError,
     ParameterMismatchError,
     PermissionDeniedError,
+    PolicyError,
     PreconditionError,
     ServerUnavailableError,
     StaleCatalogError,
@@ -28,6 +42,7 @@ __all__ = [
     "CatalogInfo",
     "Client",
     "ConjugationKeyMissingError",
+    "ErasureReport",
     "HeserveError",
     "InvalidRequestError",
     "KeyNotFoundError",
@@ -35,11 +50,16 @@ __all__ = [
     "NotFoundError",
     "ParameterMismatchError",
     "PermissionDeniedError",
+    "Policy",
+    "PolicyError",
     "PreconditionError",
+    "PrivacyStatement",
     "RegistrationRecord",
     "SecretContext",
     "ServerUnavailableError",
     "StaleCatalogError",
     "TransferStats",
     "UnauthenticatedError",
+    "Unmet",
+    "forget_me",
 ]

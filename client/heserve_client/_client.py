@@ -23,9 +23,20 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from heserve.protocol.convert import CatalogInfo, catalog_info_from_message, parameters_from_message
+from heserve.protocol.convert import (
+    CatalogInfo,
+    catalog_info_from_message,
+    parameters_from_message,
+    privacy_from_message,
+)
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.pem import PemSource, read_pem
+from heserve.protocol.privacy import (
+    Policy,
+    PrivacyStatement,
+    reranks_locally,
+    summary_of,
+)
 from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -36,6 +47,7 @@ from heserve_client._errors import (
     NotFoundError,
     ParameterMismatchError,
     PermissionDeniedError,
+    PolicyError,
     ServerUnavailableError,
     StaleCatalogError,
     from_rpc_error,
@@ -57,12 +69,6 @@ _MAX_RECONNECT_BACKOFF_MS = 2000
 _FIRST_RETRY_PAUSE = 0.05
 _MAX_RETRY_PAUSE = _MAX_RECONNECT_BACKOFF_MS / 1000
 _REGISTRATION_SUFFIX = ".registration"
-RERANK_LOCALLY_UP_TO = 6
-"""Catalog chunks per chunk of candidates up to which a re-ranking scores the whole
-catalog instead. Measured with 100 candidates (one run, 2-core machine): 7 chunks at
-d = 256, 221 ms for the whole catalog against 251 ms for the server's re-ranking
-(it encodes the candidates' 256 diagonals per query); 8 chunks at d = 128, 187 ms
-against 162 ms; 16 chunks, 200 ms against 149 ms."""
 
 
 def _pem(source: PemSource | None) -> bytes | None:
@@ -101,6 +107,7 @@ class _Session:
     key_id: str = ""
     key_id_restored: bool = False
     item_ids: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    popularity: dict[tuple[str, str], list[float] | None] = field(default_factory=dict)
 
 
 class RegistrationRecord:
@@ -144,6 +151,16 @@ class RegistrationRecord:
         if entries.pop(target, None) is not None:
             self._write(entries)
 
+    def recorded_key_id(self, target: str) -> str:
+        """The key_id recorded for `target`, expired or not (what to erase there)."""
+        entry = self._entries().get(target)
+        key_id = entry.get("key_id") if isinstance(entry, dict) else None
+        return key_id if isinstance(key_id, str) else ""
+
+    def targets(self) -> list[str]:
+        """Every server the record holds a registration at."""
+        return sorted(self._entries())
+
     def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         """Replace the record at once (a new owner-only file renamed over it)."""
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
@@ -153,6 +170,37 @@ class RegistrationRecord:
         with os.fdopen(os.open(temporary, flags, 0o600), "w") as out:
             json.dump(entries, out)
         os.replace(temporary, self.path)
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    """What `Client.forget_me` erased: on the server, and on this machine."""
+
+    server: str
+    erased: tuple[str, ...] = ()
+    """Key_ids the server held and dropped now."""
+    already_gone: tuple[str, ...] = ()
+    """Key_ids the server no longer held (expired, evicted, deleted, a restart)."""
+    files_removed: tuple[Path, ...] = ()
+    """The key file and its registration record, if they existed."""
+    registrations_left: tuple[str, ...] = ()
+    """Other servers the registration record named: not contacted, so their keys stay
+    until their idle TTL (nothing can use them: the secret key is gone)."""
+
+    def __str__(self) -> str:
+        def listed(items: Sequence[object]) -> str:
+            return ", ".join(str(item) for item in items) if items else "none"
+
+        lines = [
+            f"keys erased on {self.server}: {listed([k[:12] for k in self.erased])}",
+            f"keys the server no longer held: {listed([k[:12] for k in self.already_gone])}",
+            f"files removed: {listed(self.files_removed)}",
+        ]
+        if self.registrations_left:
+            lines.append(
+                "registrations at other servers, left to expire: " + listed(self.registrations_left)
+            )
+        return "\n".join(lines)
 
 
 class Client:
@@ -180,10 +228,21 @@ class Client:
 
     Re-ranking (`score(..., item_ids=...)`): the server encodes a list of candidates
     per query, which costs more than scoring a catalog it holds encoded unless the
-    catalog is several times larger than the list. Up to RERANK_LOCALLY_UP_TO catalog
-    chunks per chunk of candidates, the client scores the whole catalog and picks the
-    candidates itself (about as fast, and the server does not learn the candidates);
-    `rerank_locally` True or False forces one way.
+    catalog is several times larger than the list. Up to RERANK_LOCALLY_UP_TO
+    (heserve.protocol.privacy) catalog chunks per chunk of candidates, the client
+    scores the whole catalog and picks the candidates itself (about as fast, and the
+    server does not learn the candidates); `rerank_locally` True or False forces one way.
+
+    Privacy: `policy` (heserve_client.Policy) is what this client requires of the
+    server's privacy statement (GetServerInfo.privacy): TLS, a key TTL at most so long,
+    no log of the client's address... It is checked in the constructor, before anything
+    derived from the user is sent (no keys, no query, no candidate ids), and a server
+    that fails it raises PolicyError naming each failed requirement; `require_tls` on a
+    channel that is not TLS fails before any call, so not even the token is sent in
+    clear. `send_item_ids=False` keeps candidate ids here: re-ranking always scores
+    the whole catalog. The default requires nothing (`Policy()`); an app on a user's
+    device should pass `Policy.mobile()`. `statement` is the server's statement (None
+    from a server before statements).
 
     Connection: `token` is sent as `authorization: Bearer <token>` on every call.
     TLS is used when `tls` is true or any `tls_*` option is given: `tls_ca` is the CA
@@ -214,9 +273,13 @@ class Client:
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
         max_message_bytes: int = _CHANNEL_MESSAGE_BYTES,
+        policy: Policy | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        self.policy = policy or Policy()
+        if not self.policy.send_item_ids and rerank_locally is False:
+            raise ValueError("rerank_locally=False sends candidate ids; the policy forbids it")
         if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
             raise ValueError("the API token is empty or contains spaces")
         self.timeout = timeout
@@ -241,6 +304,13 @@ class Client:
                 certificate_chain=_pem(tls_cert),
             )
         self._owns_channel = channel is None
+        connection_tls = None if channel is not None else self._credentials is not None
+        if self.policy.require_tls and connection_tls is False:
+            # before any call: not even the token crosses the network in clear
+            raise PolicyError(
+                summary_of(self.policy.unmet(None, key_ttl_seconds=0, connection_tls=False)),
+                requirements=("require_tls",),
+            )
         self._channel = channel or self._open_channel()
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         try:
@@ -251,6 +321,19 @@ class Client:
             if self._owns_channel:
                 self._channel.close()
             raise
+        self.statement: PrivacyStatement | None = privacy_from_message(self.server_info)
+        unmet = self.policy.unmet(
+            self.statement,
+            key_ttl_seconds=self.server_info.key_retention.ttl_seconds,
+            connection_tls=connection_tls,
+        )
+        if unmet:
+            if self._owns_channel:
+                self._channel.close()
+            log.warning("refusing server %s: %s", target, summary_of(unmet))
+            raise PolicyError(
+                summary_of(unmet), requirements=tuple(item.requirement for item in unmet)
+            )
         self._connected = True
         announced = self.server_info.limits.max_message_bytes
         if self._owns_channel and announced > self.max_message_bytes:
@@ -261,6 +344,7 @@ class Client:
         self.params: CkksParameters = parameters_from_message(self.server_info.ckks)
         self._session = _Session(self._secret_context(key_file))
         self._catalogs: dict[str, CatalogInfo] = {}
+        self._key_file = None if key_file is None else Path(key_file)
         self._record = None if key_file is None else RegistrationRecord(Path(key_file))
         if self._record is not None:
             self._session.key_id = self._record.key_id(self._target)
@@ -402,17 +486,47 @@ class Client:
         if cached is not None:
             return cached
         ids: list[str] = []
+        popularity: list[float] = []
         token = ""
         limit = self.server_info.limits.max_page_size
         while True:
             request = pb.ListItemsRequest(catalog=catalog, page_size=limit, page_token=token)
             page = self._rpc(self._stub.ListItems, request)
             ids.extend(page.item_ids)
+            popularity.extend(page.popularity)
             token = page.next_page_token
             if not token:
                 break
         self._session.item_ids[(catalog, info.version)] = ids
+        published = len(popularity) == len(ids) and bool(ids)
+        self._session.popularity[(catalog, info.version)] = popularity if published else None
         return ids
+
+    def item_popularity(self, catalog: str) -> list[float] | None:
+        """The popularity the catalog publishes, one number an item in catalog order
+        (higher first); None if it publishes none. Read with the item ids (ListItems):
+        nothing about the user is sent."""
+        info = self.catalog(catalog)
+        self._item_ids(info)
+        return self._session.popularity[(catalog, info.version)]
+
+    def popular(self, catalog: str, k: int = 10) -> list[str]:
+        """The k first items of the catalog's published non-personalized order: by
+        popularity (ties in catalog order), or in catalog order if it publishes none.
+
+        For a user who has not opted in to personalization: this calls ListItems only
+        (catalog name and page tokens), so nothing derived from the user leaves the
+        device: no keys, no query, no candidate ids. The order is the same for every
+        user and cached per catalog version, so it can be shown again without a call.
+        """
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        ids = self.item_ids(catalog)
+        popularity = self.item_popularity(catalog)
+        if popularity is None:
+            return ids[:k]
+        order = np.argsort(-np.asarray(popularity, dtype=np.float64), kind="stable")[:k]
+        return [ids[i] for i in order]
 
     def register_keys(self) -> str:
         """Upload the public Galois keys the server asks for; returns the key_id.
@@ -451,6 +565,49 @@ class Client:
             self._record.forget(self._target)
         reply = self._rpc(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id))
         return bool(reply.deleted)
+
+    def forget_me(self) -> ErasureReport:
+        """Forget this user: erase the keys on the server now, then remove the key file and
+        its registration record here, report what was erased, and close the client.
+
+        The keys erased are this session's and the one the key file's record names for
+        this server. The server is asked first: if it cannot be reached, the error is
+        raised and nothing here is removed (the record is what names the keys to erase),
+        so calling again later finishes the job. Registrations the record holds at other
+        servers are reported, not contacted: their keys expire after those servers' TTL,
+        and nothing can use them once the secret key is gone.
+        """
+        key_ids = [self._session.key_id]
+        if self._record is not None:
+            key_ids.append(self._record.recorded_key_id(self._target))
+        erased: list[str] = []
+        gone: list[str] = []
+        for key_id in dict.fromkeys(k for k in key_ids if k):
+            try:
+                reply = self._rpc(self._stub.DeleteKeys, pb.DeleteKeysRequest(key_id=key_id))
+            except PermissionDeniedError:
+                # registered under another token: this caller cannot hold or use it either
+                gone.append(key_id)
+                continue
+            (erased if reply.deleted else gone).append(key_id)
+        self._session.key_id = ""
+        removed: list[Path] = []
+        left: list[str] = []
+        if self._record is not None:
+            left = [target for target in self._record.targets() if target != self._target]
+            for path in (self._key_file, self._record.path):
+                if path is not None and (path.exists() or path.is_symlink()):
+                    path.unlink()
+                    removed.append(path)
+        self._record = None
+        self._key_file = None
+        self.forget_keys_on_close = False
+        self._channel.close()
+        report = ErasureReport(
+            self._target, tuple(erased), tuple(gone), tuple(removed), tuple(left)
+        )
+        log.info("forgot this user at %s: %d key set(s) erased", self._target, len(erased))
+        return report
 
     def score(
         self,
@@ -548,14 +705,13 @@ class Client:
         several times the products). Up to RERANK_LOCALLY_UP_TO catalog chunks per
         chunk of candidates, the whole catalog is the faster query, and the server
         then does not learn which items were candidates. `rerank_locally` decides
-        instead when set.
+        instead when set; a policy with send_item_ids=False makes it always.
         """
+        if not self.policy.send_item_ids:
+            return True
         if self.rerank_locally is not None:
             return self.rerank_locally
-        per_chunk = 2 * info.items_per_response  # complex scores: two per slot
-        catalog_chunks = -(-info.item_count // per_chunk)
-        candidate_chunks = -(-candidates // per_chunk)
-        return catalog_chunks <= RERANK_LOCALLY_UP_TO * candidate_chunks
+        return reranks_locally(info.item_count, info.items_per_response, candidates)
 
     def _positions(self, info: CatalogInfo, item_ids: Sequence[str]) -> list[int]:
         """Rows of `item_ids` in the catalog; unknown or repeated ids are refused as the
@@ -667,3 +823,15 @@ class Client:
             best = best[np.argsort(-scores[best], kind="stable")]
             rankings.append([(ids[i], float(scores[i])) for i in best])
         return rankings
+
+
+def forget_me(target: str, key_file: str | os.PathLike[str], **options: Any) -> ErasureReport:
+    """`Client.forget_me` for a key file, without loading it or making one where none is:
+    connect to `target` (`options` as for Client: token, TLS, policy...), erase at the
+    server the keys the key file's registration record names for it, and remove the key
+    file and the record. What `heserve forget` runs."""
+    client = Client(target, **options)
+    path = Path(key_file)
+    client._key_file = path
+    client._record = RegistrationRecord(path)
+    return client.forget_me()

@@ -74,6 +74,17 @@ class ServerUnavailableError(HeserveError):
     """The server cannot be reached or timed out (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 
 
+class PolicyError(HeserveError):
+    """The server does not meet the client's privacy policy (heserve_client.Policy); the
+    client refused it before sending anything derived from the user. `requirements`
+    names each failed requirement (a Policy field, e.g. "require_tls"), and the message
+    says why each failed."""
+
+    def __init__(self, message: str, requirements: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.requirements = requirements
+
+
 class ParameterMismatchError(HeserveError):
     """The client's saved key pair was made under other parameters than the server's."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class Catalog:
     name: str
     embeddings: RowArray
     ids: tuple[str, ...]
+    popularity: tuple[float, ...] | None = None
+    """The catalog's published non-personalized order: one finite number an item,
+    higher first (served by ListItems). None: the catalog publishes none."""
     version: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,18 @@ class Catalog:
                 )
         digest = hashlib.sha256(emb.astype("<f4", copy=False).data)
         digest.update("\n".join(self.ids).encode())
+        if self.popularity is not None:
+            popularity = tuple(float(value) for value in self.popularity)
+            if len(popularity) != len(self.ids):
+                raise CatalogError(
+                    f"catalog {self.name!r}: {len(popularity)} popularity values for "
+                    f"{len(self.ids)} items"
+                )
+            if not all(math.isfinite(value) for value in popularity):
+                raise CatalogError(f"catalog {self.name!r}: popularity holds NaN or infinity")
+            object.__setattr__(self, "popularity", popularity)
+            # a new order is a new version: clients that cached the old one read it again
+            digest.update(np.asarray(popularity, dtype="<f8").tobytes())
         object.__setattr__(self, "embeddings", emb)
         object.__setattr__(self, "version", digest.hexdigest()[:16])
 
@@ -148,8 +164,11 @@ def demo_catalog(item_count: int = 10_000, dimension: int = 64) -> Catalog:
 def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog:
     """Load `.npy` (ids from `ids_path`, one per line, else row numbers) or `.npz`.
 
-    An `.npz` holds `embeddings` and `ids` arrays. Pickled objects are never loaded.
+    An `.npz` holds `embeddings` and `ids` arrays, and optionally `popularity` (one
+    number an item, higher first: the non-personalized order ListItems publishes).
+    Pickled objects are never loaded.
     """
+    popularity: tuple[float, ...] | None = None
     try:
         if path.suffix == ".npz":
             if ids_path is not None:
@@ -159,6 +178,11 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
                     raise CatalogError(f"{path}: an .npz catalog needs 'embeddings' and 'ids'")
                 embeddings = np.asarray(archive["embeddings"], dtype=np.float32)
                 ids = tuple(str(item_id) for item_id in _array(archive, "ids", path).tolist())
+                if "popularity" in archive:
+                    values = np.asarray(_array(archive, "popularity", path), dtype=np.float64)
+                    if values.ndim != 1:
+                        raise CatalogError(f"{path}: 'popularity' must be one number an item")
+                    popularity = tuple(values.tolist())
         elif path.suffix == ".npy":
             embeddings = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
             if ids_path is None:
@@ -173,7 +197,7 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
         if isinstance(exc, CatalogError):
             raise
         raise CatalogError(f"{path}: {exc}{_hint(exc)}") from None
-    return Catalog(name, embeddings, ids)
+    return Catalog(name, embeddings, ids, popularity)
 
 
 _OBJECT_ARRAY_HINT = (

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
+from heserve.protocol import privacy
 from heserve.protocol.params import CkksParameters
 from heserve.v1 import scoring_pb2 as pb
 
@@ -102,13 +103,75 @@ def server_info_to_message(
     limits: DataclassInstance,
     max_query_bytes: int,
     key_retention: DataclassInstance,
+    statement: privacy.PrivacyStatement | None = None,
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: `limits` and `key_retention` are the server's SizeLimits and
     KeyRetentionPolicy (fields named as in the messages); the largest query is derived from
-    the parameters, so it is given apart."""
+    the parameters, so it is given apart; `statement` is the privacy statement."""
     return pb.GetServerInfoResponse(
         server_version=server_version,
         ckks=parameters,
         limits=to_message(pb.SizeLimits, limits, max_query_bytes=max_query_bytes),
         key_retention=to_message(pb.KeyRetentionPolicy, key_retention),
+        privacy=None if statement is None else privacy_to_message(statement),
+    )
+
+
+_TRANSPORT = {
+    privacy.UNSPECIFIED: pb.TRANSPORT_SECURITY_UNSPECIFIED,
+    privacy.PLAINTEXT: pb.TRANSPORT_SECURITY_PLAINTEXT,
+    privacy.TLS: pb.TRANSPORT_SECURITY_TLS,
+    privacy.MUTUAL_TLS: pb.TRANSPORT_SECURITY_MUTUAL_TLS,
+}
+_CALLER_IDENTITY = {
+    privacy.UNSPECIFIED: pb.CALLER_IDENTITY_UNSPECIFIED,
+    privacy.ANONYMOUS: pb.CALLER_IDENTITY_ANONYMOUS,
+    privacy.API_TOKEN: pb.CALLER_IDENTITY_API_TOKEN,
+}
+
+
+def privacy_to_message(statement: privacy.PrivacyStatement) -> pb.PrivacyStatement:
+    """The statement as GetServerInfo announces it."""
+    return pb.PrivacyStatement(
+        statement_version=statement.statement_version,
+        keys=to_message(pb.KeyRetentionPolicy, statement.keys),
+        stored=[to_message(pb.StoredData, item) for item in statement.stored],
+        logs=[to_message(pb.LoggedRecord, record) for record in statement.logs],
+        never_logged=list(statement.never_logged),
+        observations=[to_message(pb.Observation, item) for item in statement.observations],
+        transport=_TRANSPORT[statement.transport],
+        caller_identity=_CALLER_IDENTITY[statement.caller_identity],
+        catalog_protections=[
+            to_message(pb.CatalogProtection, item) for item in statement.catalog_protections
+        ],
+        summary=list(statement.summary),
+    )
+
+
+def privacy_from_message(
+    message: pb.GetServerInfoResponse,
+) -> privacy.PrivacyStatement | None:
+    """The statement a server announced in GetServerInfo; None if it announced none (a
+    server before statements). Enum values this client does not know read as
+    UNSPECIFIED, which no requirement accepts."""
+    if not message.HasField("privacy"):
+        return None
+    statement = message.privacy
+    transports = {number: name for name, number in _TRANSPORT.items()}
+    identities = {number: name for name, number in _CALLER_IDENTITY.items()}
+    return privacy.PrivacyStatement(
+        statement_version=statement.statement_version,
+        keys=from_message(privacy.KeysKept, statement.keys),
+        stored=tuple(from_message(privacy.StoredData, item) for item in statement.stored),
+        logs=tuple(from_message(privacy.LoggedRecord, record) for record in statement.logs),
+        never_logged=tuple(statement.never_logged),
+        observations=tuple(
+            from_message(privacy.Observation, item) for item in statement.observations
+        ),
+        transport=transports.get(statement.transport, privacy.UNSPECIFIED),
+        caller_identity=identities.get(statement.caller_identity, privacy.UNSPECIFIED),
+        catalog_protections=tuple(
+            from_message(privacy.CatalogProtection, item) for item in statement.catalog_protections
+        ),
+        summary=tuple(statement.summary),
     )

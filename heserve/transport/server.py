@@ -25,6 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from heserve.domain.scorer import Scorer
+from heserve.domain.statement import Deployment
+from heserve.protocol import privacy
 from heserve.protocol.pem import read_pem
 from heserve.transport.auth import Authenticator, QueryBudget
 from heserve.transport.bridge import CallAdmission, CallLimits, SyncBridge
@@ -229,7 +231,19 @@ def start_server(
         metrics,
         max_upload_bytes=scorer.limits.max_key_bytes + scorer.limits.max_key_chunk_bytes,
     )
-    pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer), bridge)
+    deployment = Deployment(
+        transport=privacy.PLAINTEXT
+        if tls is None
+        else privacy.MUTUAL_TLS
+        if tls.client_ca
+        else privacy.TLS,
+        tokens=authenticator is not None,
+        query_budget=query_budget.limit if query_budget else 0,
+        query_budget_window_seconds=query_budget.window_seconds if query_budget else 3600.0,
+        # what the access log (and every heserve logger under it) writes from
+        log_level=logging.getLogger("heserve.access").getEffectiveLevel(),
+    )
+    pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer, deployment), bridge)
     admission = CallAdmission(limits, authenticator)
     health_servicer = health_async.HealthServicer()
     loop = _LoopThread()

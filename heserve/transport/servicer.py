@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from heserve import __version__
 from heserve.domain.errors import InvalidArgumentError, ResourceExhaustedError, ServiceError
 from heserve.domain.scorer import Scorer, ServedCatalog
+from heserve.domain.statement import Deployment, build_statement
 from heserve.protocol import convert
 from heserve.protocol.convert import CatalogInfo
 from heserve.protocol.reasons import ERROR_DOMAIN
@@ -120,12 +121,15 @@ def _past_deadline(context: grpc.ServicerContext) -> bool:
 
 
 class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # untyped stub
-    """The heserve.v1.ScoringService, backed by a Scorer."""
+    """The heserve.v1.ScoringService, backed by a Scorer; `deployment` is what the
+    transport serves with (TLS, tokens, budget, log level), for the privacy statement."""
 
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, scorer: Scorer, deployment: Deployment | None = None) -> None:
         self._scorer = scorer
+        self._deployment = deployment or Deployment()
 
     def server_info(self) -> pb.GetServerInfoResponse:
+        """Parameters, limits, retention, and the privacy statement built from them now."""
         scorer = self._scorer
         return convert.server_info_to_message(
             server_version=__version__,
@@ -135,6 +139,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             limits=scorer.limits,
             max_query_bytes=scorer.max_query_bytes,
             key_retention=scorer.retention,
+            statement=build_statement(scorer, self._deployment),
         )
 
     def GetServerInfo(
@@ -173,6 +178,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             item_ids=catalog.ids[start:end],
             next_page_token=str(end) if end < catalog.item_count else "",
             catalog_version=catalog.version,
+            popularity=[] if catalog.popularity is None else catalog.popularity[start:end],
         )
 
     @_abort_on_service_error

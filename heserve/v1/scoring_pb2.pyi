@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,21 +7,117 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TransportSecurity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_SECURITY_UNSPECIFIED: _ClassVar[TransportSecurity]
+    TRANSPORT_SECURITY_PLAINTEXT: _ClassVar[TransportSecurity]
+    TRANSPORT_SECURITY_TLS: _ClassVar[TransportSecurity]
+    TRANSPORT_SECURITY_MUTUAL_TLS: _ClassVar[TransportSecurity]
+
+class CallerIdentity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CALLER_IDENTITY_UNSPECIFIED: _ClassVar[CallerIdentity]
+    CALLER_IDENTITY_ANONYMOUS: _ClassVar[CallerIdentity]
+    CALLER_IDENTITY_API_TOKEN: _ClassVar[CallerIdentity]
+TRANSPORT_SECURITY_UNSPECIFIED: TransportSecurity
+TRANSPORT_SECURITY_PLAINTEXT: TransportSecurity
+TRANSPORT_SECURITY_TLS: TransportSecurity
+TRANSPORT_SECURITY_MUTUAL_TLS: TransportSecurity
+CALLER_IDENTITY_UNSPECIFIED: CallerIdentity
+CALLER_IDENTITY_ANONYMOUS: CallerIdentity
+CALLER_IDENTITY_API_TOKEN: CallerIdentity
+
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("server_version", "ckks", "limits", "key_retention")
+    __slots__ = ("server_version", "ckks", "limits", "key_retention", "privacy")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     CKKS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     KEY_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     ckks: CkksParameters
     limits: SizeLimits
     key_retention: KeyRetentionPolicy
-    def __init__(self, server_version: _Optional[str] = ..., ckks: _Optional[_Union[CkksParameters, _Mapping]] = ..., limits: _Optional[_Union[SizeLimits, _Mapping]] = ..., key_retention: _Optional[_Union[KeyRetentionPolicy, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyStatement
+    def __init__(self, server_version: _Optional[str] = ..., ckks: _Optional[_Union[CkksParameters, _Mapping]] = ..., limits: _Optional[_Union[SizeLimits, _Mapping]] = ..., key_retention: _Optional[_Union[KeyRetentionPolicy, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyStatement, _Mapping]] = ...) -> None: ...
+
+class PrivacyStatement(_message.Message):
+    __slots__ = ("statement_version", "keys", "stored", "logs", "never_logged", "observations", "transport", "caller_identity", "catalog_protections", "summary")
+    STATEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    NEVER_LOGGED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_PROTECTIONS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    statement_version: int
+    keys: KeyRetentionPolicy
+    stored: _containers.RepeatedCompositeFieldContainer[StoredData]
+    logs: _containers.RepeatedCompositeFieldContainer[LoggedRecord]
+    never_logged: _containers.RepeatedScalarFieldContainer[str]
+    observations: _containers.RepeatedCompositeFieldContainer[Observation]
+    transport: TransportSecurity
+    caller_identity: CallerIdentity
+    catalog_protections: _containers.RepeatedCompositeFieldContainer[CatalogProtection]
+    summary: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, statement_version: _Optional[int] = ..., keys: _Optional[_Union[KeyRetentionPolicy, _Mapping]] = ..., stored: _Optional[_Iterable[_Union[StoredData, _Mapping]]] = ..., logs: _Optional[_Iterable[_Union[LoggedRecord, _Mapping]]] = ..., never_logged: _Optional[_Iterable[str]] = ..., observations: _Optional[_Iterable[_Union[Observation, _Mapping]]] = ..., transport: _Optional[_Union[TransportSecurity, str]] = ..., caller_identity: _Optional[_Union[CallerIdentity, str]] = ..., catalog_protections: _Optional[_Iterable[_Union[CatalogProtection, _Mapping]]] = ..., summary: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StoredData(_message.Message):
+    __slots__ = ("subject", "description", "idle_ttl_seconds", "kept_for", "erasable")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FOR_FIELD_NUMBER: _ClassVar[int]
+    ERASABLE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    description: str
+    idle_ttl_seconds: int
+    kept_for: str
+    erasable: bool
+    def __init__(self, subject: _Optional[str] = ..., description: _Optional[str] = ..., idle_ttl_seconds: _Optional[int] = ..., kept_for: _Optional[str] = ..., erasable: _Optional[bool] = ...) -> None: ...
+
+class LoggedRecord(_message.Message):
+    __slots__ = ("name", "level", "written", "fields", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    level: str
+    written: bool
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    def __init__(self, name: _Optional[str] = ..., level: _Optional[str] = ..., written: _Optional[bool] = ..., fields: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Observation(_message.Message):
+    __slots__ = ("subject", "description")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    description: str
+    def __init__(self, subject: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CatalogProtection(_message.Message):
+    __slots__ = ("name", "enabled", "setting", "holds_against", "does_not_hold_against")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SETTING_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_AGAINST_FIELD_NUMBER: _ClassVar[int]
+    DOES_NOT_HOLD_AGAINST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    enabled: bool
+    setting: str
+    holds_against: str
+    does_not_hold_against: str
+    def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., setting: _Optional[str] = ..., holds_against: _Optional[str] = ..., does_not_hold_against: _Optional[str] = ...) -> None: ...
 
 class CkksParameters(_message.Message):
     __slots__ = ("poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "galois_steps", "security_bits", "slot_count", "catalog_scale_bits", "preset")
@@ -119,14 +216,16 @@ class ListItemsRequest(_message.Message):
     def __init__(self, catalog: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListItemsResponse(_message.Message):
-    __slots__ = ("item_ids", "next_page_token", "catalog_version")
+    __slots__ = ("item_ids", "next_page_token", "catalog_version", "popularity")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POPULARITY_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     next_page_token: str
     catalog_version: str
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ..., catalog_version: _Optional[str] = ...) -> None: ...
+    popularity: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ..., catalog_version: _Optional[str] = ..., popularity: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RegisterKeysRequest(_message.Message):
     __slots__ = ("galois_keys_chunk",)

@@ -75,7 +75,7 @@ class ScoringServiceServicer:
 
     def GetServerInfo(self, request, context):
         """GetServerInfo returns the CKKS parameters, rotation steps, size limits and
-        key retention policy a client must follow.
+        key retention policy a client must follow, and the server's privacy statement.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +89,8 @@ class ScoringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListItems(self, request, context):
-        """ListItems pages through the item ids of one catalog, in catalog order.
+        """ListItems pages through the item ids of one catalog, in catalog order, with
+        the popularity the catalog publishes, if it does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
