@@ -304,6 +304,46 @@ def cmd_recommend(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _connection(args: argparse.Namespace) -> dict[str, object]:
+    """Client options from the connection flags `_add_connection_arguments` adds."""
+    return {
+        "token": _client_token(args.token_file),
+        "tls": args.tls,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+    }
+
+
+def cmd_forget(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Erase the keys the key file registered at the server, then the key file and its
+    registration record; print what was erased."""
+    from heserve_client import forget_me
+
+    with _client_errors():
+        report = forget_me(args.server, args.key_file, **_connection(args))
+    print(report)
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Print the server's privacy statement (text, or the message as JSON)."""
+    from google.protobuf import json_format
+
+    from heserve_client import Client
+
+    with _client_errors(), Client(args.server, **_connection(args)) as client:  # type: ignore[arg-type]
+        statement, info = client.statement, client.server_info
+    if statement is None:
+        raise CommandError(f"{args.server} publishes no privacy statement")
+    if args.json:
+        print(json_format.MessageToJson(info.privacy, preserving_proto_field_name=True))
+    else:
+        print(statement.describe())
+    return 0
+
+
 def _size(count: int) -> str:
     return f"{count / 1024:,.1f} KiB" if count < 1 << 20 else f"{count / (1 << 20):,.2f} MiB"
 
@@ -467,22 +507,74 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="file holding the API token (default: the HESERVE_TOKEN variable, if set)",
     )
-    recommend.add_argument(
+    _add_tls_arguments(recommend)
+
+    forget = _command(
+        commands,
+        "forget",
+        cmd_forget,
+        config.RECOMMEND,
+        "erase a user's keys at a server and the key file that holds them",
+    )
+    forget.description = (
+        "Forget a user: erase at the server the keys the key file's registration record "
+        "names (PATH.registration, which heserve recommend --key-file keeps), then remove "
+        "the key file and the record, and print what was erased. If the server cannot be "
+        "reached nothing is removed: run it again later."
+    )
+    _add_server_arguments(forget)
+    forget.add_argument(
+        "--key-file", required=True, type=Path, metavar="PATH", help="the user's key file"
+    )
+    _add_tls_arguments(forget)
+
+    statement = _command(
+        commands,
+        "privacy",
+        cmd_privacy,
+        config.RECOMMEND,
+        "print a server's privacy statement",
+    )
+    statement.description = (
+        "Print what a server states it keeps, logs and can learn about its callers "
+        "(GetServerInfo.privacy, made from the server's running configuration)."
+    )
+    _add_server_arguments(statement)
+    statement.add_argument(
+        "--json", action="store_true", help="print the statement message as JSON"
+    )
+    _add_tls_arguments(statement)
+    return parser
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server", required=True, metavar="HOST:PORT", help="address of the heserve server"
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the API token (default: the HESERVE_TOKEN variable, if set)",
+    )
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--tls", action="store_true", help="use TLS, trusting the system's CA certificates"
     )
-    recommend.add_argument(
+    parser.add_argument(
         "--tls-ca", type=Path, metavar="PATH", help="use TLS, trusting this CA (PEM)"
     )
-    recommend.add_argument(
+    parser.add_argument(
         "--tls-cert", type=Path, metavar="PATH", help="client certificate (PEM), for mutual TLS"
     )
-    recommend.add_argument(
+    parser.add_argument(
         "--tls-key", type=Path, metavar="PATH", help="private key of --tls-cert (PEM)"
     )
-    recommend.add_argument(
+    parser.add_argument(
         "--tls-server-name", metavar="NAME", help="name the server's certificate must carry"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
