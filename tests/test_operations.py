@@ -210,10 +210,11 @@ def test_request_ids_are_echoed_and_tag_every_log_line_of_the_call(
 
 
 class _Context:
-    """A ServicerContext whose deadline passes after `responses` checks."""
+    """A ServicerContext whose deadline passes after `responses` checks between responses
+    (the servicer's first look, which hands the deadline to the backends, is not one)."""
 
     def __init__(self, responses: int) -> None:
-        self.checks = 0
+        self.checks = -1
         self.responses = responses
 
     def time_remaining(self) -> float:
