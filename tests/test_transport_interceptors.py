@@ -358,6 +358,8 @@ def test_the_access_log_has_one_line_per_call_with_sizes_codes_and_the_caller(
     assert scored["caller"] == "alice"
     assert scored["bytes_in"] == request.ByteSize()
     assert scored["bytes_out"] > 300  # three responses of 100 score bytes
+    assert (scored["catalog"], scored["queries"]) == ("books", 1)  # names and counts only
+    assert scored["items"] == 30  # the stand-in's three responses of 10 items each
     assert abs(scored["deadline_ms"] - TIMEOUT * 1000) < 1000  # gRPC adds a little slack
     assert scored["duration_ms"] >= 0
     assert by_id["s-2"][1]["code"] == "RESOURCE_EXHAUSTED"

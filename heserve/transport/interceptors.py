@@ -282,6 +282,7 @@ class _Logged(CallObserver):
         self.deadline_ms: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.score: dict[str, Any] = {}  # a Score's catalog, queries and items scored
 
     def started(self, context: grpc.ServicerContext) -> None:
         self.info = current_call() or self.info
@@ -306,9 +307,17 @@ class _Logged(CallObserver):
 
     def received(self, message: Any) -> None:
         self.bytes_in += _size(message)
+        if isinstance(message, pb.ScoreRequest):  # names, counts: never the query itself
+            self.score = {
+                "catalog": message.catalog[:_LOGGED_NAME_CHARS],
+                "queries": 1 + len(message.more_queries),
+                "items": 0,
+            }
 
     def sent(self, message: Any) -> None:
         self.bytes_out += _size(message)
+        if isinstance(message, pb.ScoreResponse) and self.score:
+            self.score["items"] += message.count
 
     def ended(self, context: grpc.ServicerContext, error: BaseException | None) -> None:
         milliseconds = (time.perf_counter() - self.started_at) * 1000
@@ -332,9 +341,14 @@ class _Logged(CallObserver):
                     "caller": self.info.caller_name,
                     "bytes_in": self.bytes_in,
                     "bytes_out": self.bytes_out,
+                    **self.score,
                 }
             },
         )
+
+
+_LOGGED_NAME_CHARS = 64
+"""A catalog name in an access line is cut here: it is the caller's input."""
 
 
 class MetricsInterceptor(_ServedMethodInterceptor):
