@@ -34,6 +34,7 @@ from heserve.protocol.pem import PemSource, read_pem
 from heserve.protocol.privacy import (
     Policy,
     PrivacyStatement,
+    Unmet,
     reranks_locally,
     summary_of,
 )
@@ -307,10 +308,8 @@ class Client:
         connection_tls = None if channel is not None else self._credentials is not None
         if self.policy.require_tls and connection_tls is False:
             # before any call: not even the token crosses the network in clear
-            raise PolicyError(
-                summary_of(self.policy.unmet(None, key_ttl_seconds=0, connection_tls=False)),
-                requirements=("require_tls",),
-            )
+            plaintext = Unmet("require_tls", "this client's connection is not TLS")
+            raise PolicyError(summary_of([plaintext]), requirements=(plaintext.requirement,))
         self._channel = channel or self._open_channel()
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         try:

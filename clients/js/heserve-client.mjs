@@ -58,6 +58,82 @@ const statusTypes = protobuf.Root.fromJSON({
 const StatusType = statusTypes.lookupType('google.rpc.Status')
 const ErrorInfoType = statusTypes.lookupType('google.rpc.ErrorInfo')
 
+/**
+ * Privacy policies: what a client requires of the server's privacy statement
+ * (GetServerInfo.privacy) before it sends anything derived from its user. The same
+ * requirements, names and meaning as heserve_client.Policy in Python:
+ *   requireTls: the connection must be TLS (this client's, and the server's statement);
+ *   maxKeyTtlSeconds: the server may keep idle keys at most this long (null: any);
+ *   requireStatement: the server must publish a statement;
+ *   forbidLogged: log fields the server must not write, e.g. ['peer'].
+ * (This client never sends candidate ids: it has no re-ranking call.)
+ * PERMISSIVE requires nothing (the default); MOBILE is for an app on a user's device.
+ */
+export const PERMISSIVE = Object.freeze({
+  requireTls: false,
+  maxKeyTtlSeconds: null,
+  requireStatement: false,
+  forbidLogged: Object.freeze([]),
+})
+export const MOBILE = Object.freeze({
+  requireTls: true,
+  maxKeyTtlSeconds: 3600,
+  requireStatement: true,
+  forbidLogged: Object.freeze(['peer']),
+})
+const POLICIES = { permissive: PERMISSIVE, mobile: MOBILE }
+const TLS_TRANSPORTS = ['TRANSPORT_SECURITY_TLS', 'TRANSPORT_SECURITY_MUTUAL_TLS']
+const TRANSPORT_NAMES = {
+  TRANSPORT_SECURITY_UNSPECIFIED: 'unspecified',
+  TRANSPORT_SECURITY_PLAINTEXT: 'plaintext',
+  TRANSPORT_SECURITY_TLS: 'tls',
+  TRANSPORT_SECURITY_MUTUAL_TLS: 'mutual_tls',
+}
+
+/**
+ * The requirements of `policy` a server fails, as [{requirement, explanation}], in
+ * the Python names (require_tls, max_key_ttl_seconds, require_statement,
+ * forbid_logged); empty: it complies. `statement` is GetServerInfoResponse.privacy
+ * (null from a server before statements), `connectionTls` whether this client's
+ * channel is TLS.
+ */
+export function unmetRequirements(policy, statement, { keyTtlSeconds, connectionTls }) {
+  const unmet = []
+  const add = (requirement, explanation) => unmet.push({ requirement, explanation })
+  if (policy.requireTls) {
+    if (!connectionTls) add('require_tls', "this client's connection is not TLS")
+    else if (statement && !TLS_TRANSPORTS.includes(statement.transport)) {
+      add('require_tls', `the server states transport ${TRANSPORT_NAMES[statement.transport] ?? 'unspecified'}`)
+    }
+  }
+  if (policy.maxKeyTtlSeconds !== null && policy.maxKeyTtlSeconds !== undefined) {
+    const ttl = statement ? statement.keys.ttl_seconds : keyTtlSeconds
+    if (ttl > policy.maxKeyTtlSeconds) {
+      add('max_key_ttl_seconds', `the server keeps idle keys ${ttl} s, more than ${policy.maxKeyTtlSeconds} s`)
+    }
+  }
+  if (policy.requireStatement && !statement) add('require_statement', 'the server publishes no privacy statement')
+  const forbidden = policy.forbidLogged ?? []
+  if (forbidden.length) {
+    if (!statement) add('forbid_logged', 'the server publishes no statement of what it logs')
+    else {
+      const logged = new Set(statement.logs.filter((record) => record.written).flatMap((record) => record.fields))
+      const found = forbidden.filter((name) => logged.has(name)).sort()
+      if (found.length) add('forbid_logged', `the server logs ${found.join(', ')}`)
+    }
+  }
+  return unmet
+}
+
+function policyError(unmet) {
+  const error = new HeserveError(
+    `the server does not meet this client's policy: ${unmet.map((u) => `${u.requirement}: ${u.explanation}`).join('; ')}`,
+    { code: 'POLICY' },
+  )
+  error.requirements = unmet.map((u) => u.requirement)
+  return error
+}
+
 /** An error from the server or from this client; `code` is the gRPC status name. */
 export class HeserveError extends Error {
   constructor(message, { code = 'UNKNOWN', reason = '' } = {}) {
@@ -107,7 +183,7 @@ function loadService() {
     keepCase: true,
     longs: Number, // offsets and counts are far below 2^53
     enums: String,
-    defaults: true,
+    defaults: true, // an absent message field (GetServerInfoResponse.privacy) reads as null
     oneofs: true,
   })
   return grpc.loadPackageDefinition(definition).heserve.v1.ScoringService
@@ -147,6 +223,11 @@ export function topK(scores, k) {
  *   'none', 'zlib' or 'zstd' (the server reads all three; it answers in 'none').
  * options.encryption: 'symmetric' (seeded, half the query size) or 'public'.
  * options.timeoutMs: deadline of each call.
+ * options.policy: what the server's privacy statement must meet (PERMISSIVE, the
+ *   default; MOBILE, or 'mobile'; or an object of the same fields), checked right
+ *   after GetServerInfo, before any key is made or sent; requireTls on a channel that
+ *   is not TLS fails before any call. A failure is a HeserveError with code 'POLICY'
+ *   and `requirements` naming each failed requirement.
  */
 export class HeserveClient {
   static async connect(target, options = {}) {
@@ -177,8 +258,11 @@ export class HeserveClient {
       tlsCa = null,
       tlsCert = null,
       tlsKey = null,
+      policy = PERMISSIVE,
     } = {},
   ) {
+    this.policy = typeof policy === 'string' ? POLICIES[policy] : { ...PERMISSIVE, ...policy }
+    if (!this.policy) throw new HeserveError(`unknown policy ${policy}`)
     if (!['none', 'zlib', 'zstd'].includes(compression)) {
       throw new HeserveError(`unknown compression mode ${compression}`)
     }
@@ -193,6 +277,7 @@ export class HeserveClient {
     this.keyId = ''
     this.catalogInfo = new Map()
     this.itemIdCache = new Map()
+    this.popularityCache = new Map()
     if (/[\s,]/.test(token)) throw new HeserveError('a token holds no blank and no comma')
     if ((tlsCert === null) !== (tlsKey === null)) {
       throw new HeserveError('mutual TLS needs both tlsCert and tlsKey')
@@ -200,6 +285,7 @@ export class HeserveClient {
     this.metadata = new grpc.Metadata()
     if (token) this.metadata.set('authorization', `Bearer ${token}`)
     const secure = tls || tlsCa !== null || tlsCert !== null
+    this.connectionTls = secure
     const credentials = secure
       ? grpc.credentials.createSsl(tlsCa, tlsKey, tlsCert)
       : grpc.credentials.createInsecure()
@@ -238,9 +324,19 @@ export class HeserveClient {
   }
 
   async #setUp() {
+    if (this.policy.requireTls && !this.connectionTls) {
+      // before any call: not even the token crosses the network in clear
+      throw policyError([{ requirement: 'require_tls', explanation: "this client's connection is not TLS" }])
+    }
     const seal = await this.#time('seal_init_ms', () => sealLibrary())
     this.seal = seal
     this.info = await this.#time('server_info_ms', () => this.#unary('GetServerInfo', {}))
+    this.statement = this.info.privacy ?? null
+    const unmet = unmetRequirements(this.policy, this.statement, {
+      keyTtlSeconds: this.info.key_retention?.ttl_seconds ?? 0,
+      connectionTls: this.connectionTls,
+    })
+    if (unmet.length) throw policyError(unmet)
     const ckks = this.info.ckks
     await this.#time('keygen_ms', async () => {
       // CoeffModulus.Create(N, coeff_modulus_bits), 128-bit security, as the proto says
@@ -309,6 +405,35 @@ export class HeserveClient {
     return reply.deleted
   }
 
+  /**
+   * Forget this user: erase the keys on the server now and report what was erased,
+   * {server, erased: [keyId], alreadyGone: [keyId]}. This client keeps no file, so
+   * nothing else is left; an app that stored anything of its own erases it too.
+   */
+  async forgetMe() {
+    const keyId = this.keyId
+    const report = { erased: [], alreadyGone: [] }
+    if (keyId) {
+      const deleted = await this.deleteKeys()
+      ;(deleted ? report.erased : report.alreadyGone).push(keyId)
+    }
+    return report
+  }
+
+  /**
+   * The k first items of the catalog's published non-personalized order (by the
+   * popularity ListItems publishes, ties in catalog order; catalog order if none):
+   * for a user who has not opted in. Only ListItems is called: nothing derived from
+   * the user is sent.
+   */
+  async popular(catalog, k = 10) {
+    if (!(k >= 1)) throw new HeserveError('k must be at least 1')
+    const ids = await this.itemIds(catalog)
+    const popularity = this.popularityCache.get(catalog) ?? null
+    if (!popularity) return ids.slice(0, k)
+    return topK(Float64Array.from(popularity), k).map(([index]) => ids[index])
+  }
+
   /** Every catalog the server serves, page by page. */
   async catalogs() {
     const infos = []
@@ -334,6 +459,7 @@ export class HeserveClient {
     const info = await this.catalog(catalog)
     const cacheKey = `${catalog}\u0000${info.version}`
     if (this.itemIdCache.has(cacheKey)) return this.itemIdCache.get(cacheKey)
+    const popularity = []
     const ids = await this.#time('list_items_ms', async () => {
       const all = []
       let token = ''
@@ -348,7 +474,8 @@ export class HeserveClient {
             code: 'FAILED_PRECONDITION',
           })
         }
-        for (const id of page.item_ids) all.push(id)
+        for (const id of page.item_ids ?? []) all.push(id)
+        for (const value of page.popularity ?? []) popularity.push(value)
         token = page.next_page_token
       } while (token)
       return all
@@ -357,6 +484,7 @@ export class HeserveClient {
       throw new HeserveError(`catalog ${catalog} listed ${ids.length} ids for ${info.item_count} items`)
     }
     this.itemIdCache.set(cacheKey, ids)
+    this.popularityCache.set(catalog, popularity.length === ids.length && ids.length ? popularity : null)
     return ids
   }
 
