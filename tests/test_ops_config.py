@@ -56,8 +56,8 @@ def _samples(option: config.Option) -> tuple[str, str]:
         return str(floor + 0.25), str(floor + 0.5)
     if option.kind == "path":
         return "one.pem", "two.pem"
-    if option.kind == "pairs":
-        return "one=one.npy", "two=two.npy"
+    if option.kind == "pairs":  # one NAME: pairs merge by NAME, a later source's wins
+        return "one=one.npy", "one=two.npy"
     if option.kind == "entries":
         return "alice:" + "a" * 20, "bob:" + "b" * 20
     return "value-one", "value-two"
@@ -419,7 +419,13 @@ def test_settings_take_flags_over_environment_over_file_over_defaults(tmp_path: 
     assert settings.key_ttl == 99 and settings.sources["key_ttl"] == "file"
     assert settings.log_level == "DEBUG"
     assert settings.threads == 8 and settings.sources["threads"] == "default"
-    assert settings.catalog == (("x", Path("x.npy")),)  # a flag replaces, never merges
+    # catalogs merge by NAME across the sources (issue 12, finding 8)
+    assert settings.catalog == (
+        ("books", tmp_path / "conf" / "books.npz"),
+        ("films", Path("films.npy")),
+        ("music", Path("music.npy")),
+        ("x", Path("x.npy")),
+    )
     assert settings.tokens == "alice:" + "a" * 20
     # paths in the file are relative to the file
     assert settings.tls_cert == tmp_path / "conf" / "certs" / "server.pem"
@@ -427,7 +433,11 @@ def test_settings_take_flags_over_environment_over_file_over_defaults(tmp_path: 
 
     settings = _serve([], environ)
     assert settings.port == 2222
-    assert settings.catalog == (("films", Path("films.npy")), ("music", Path("music.npy")))
+    assert settings.catalog == (
+        ("books", tmp_path / "conf" / "books.npz"),
+        ("films", Path("films.npy")),
+        ("music", Path("music.npy")),
+    )
 
     settings = _serve([], {"HESERVE_CONFIG": str(file)})
     assert settings.port == 3333
@@ -620,3 +630,31 @@ def test_heserve_serve_reads_flags_environment_and_config_file(tmp_path: Path) -
     records = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
     assert any(r["msg"].startswith("heserve listening") for r in records)  # INFO, as flagged
     assert all(r["level"] in {"INFO", "WARNING", "ERROR", "CRITICAL"} for r in records)
+
+
+def test_a_catalogs_ids_travel_with_it_across_sources(tmp_path: Path) -> None:
+    """The file's ids for books stay with the file's books; a flag that replaces books
+    drops them (they were for another file) unless it gives ids too (issue 12, finding 8)."""
+    (tmp_path / "conf").mkdir()
+    file = tmp_path / "conf" / "heserve.toml"
+    file.write_text(
+        '[catalog]\nbooks = "books.npy"\nfilms = "films.npy"\n'
+        '[ids]\nbooks = "books.txt"\nfilms = "films.txt"\n'
+    )
+    environ = {"HESERVE_CONFIG": str(file)}
+    conf = tmp_path / "conf"
+
+    added = _serve(["--catalog", "music=music.npy"], environ)
+    assert dict(added.catalog) == {
+        "books": conf / "books.npy",
+        "films": conf / "films.npy",
+        "music": Path("music.npy"),
+    }
+    assert dict(added.ids) == {"books": conf / "books.txt", "films": conf / "films.txt"}
+
+    replaced = _serve(["--catalog", "books=new.npz"], environ)
+    assert dict(replaced.catalog)["books"] == Path("new.npz")
+    assert dict(replaced.ids) == {"films": conf / "films.txt"}  # books.txt went with books
+
+    with_ids = _serve(["--catalog", "books=new.npy", "--ids", "books=new.txt"], environ)
+    assert dict(with_ids.ids)["books"] == Path("new.txt")

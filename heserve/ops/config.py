@@ -155,14 +155,19 @@ class Settings:
         metadata=option(
             "serve an .npy (n × d) or .npz (embeddings, ids) catalog as NAME; repeatable "
             "(environment: comma-separated; file: a list or a table). Without any, the "
-            "embedded demo catalog is served",
+            "embedded demo catalog is served. Catalogs merge by NAME across the config "
+            "file, the environment and the flags: a later source's NAME replaces the "
+            "earlier one's, other names stay",
             metavar="NAME=PATH",
         ),
     )
     ids: Pairs = field(
         default=(),
         metadata=option(
-            "item ids for an .npy catalog, one per line (default: row numbers)", metavar="NAME=PATH"
+            "item ids for an .npy catalog, one per line (default: row numbers). They travel "
+            "with their catalog: ids given where a catalog's NAME was replaced are dropped "
+            "with it, unless given again beside the new one",
+            metavar="NAME=PATH",
         ),
     )
     preset: str = field(
@@ -522,6 +527,35 @@ def _file_settings(path: Path) -> dict[str, Any]:
     return settings
 
 
+_CATALOG_PAIRS = ("catalog", "ids")
+_SOURCE_ORDER = ("file", "env", "flag")
+
+
+def _merged_catalogs(layers: dict[str, dict[str, Pairs]]) -> tuple[Pairs, Pairs]:
+    """The catalogs and ids of every source, merged by NAME, later sources first.
+
+    A later source's NAME=PATH replaces an earlier source's entry of that NAME, and the
+    ids travel with their catalog: ids from a source earlier than the one whose catalog
+    won are dropped with the catalog they were for. So a --catalog flag no longer
+    throws away the config file's other catalogs, nor attaches the file's ids to
+    another file than theirs (issue 12, finding 8).
+    """
+    catalogs: dict[str, tuple[Path, int]] = {}
+    ids: dict[str, tuple[Path, int]] = {}
+    for rank, source in enumerate(_SOURCE_ORDER):
+        layer = layers.get(source, {})
+        for name, path in layer.get("catalog", ()):
+            catalogs[name] = (path, rank)
+        for name, path in layer.get("ids", ()):
+            ids[name] = (path, rank)
+    kept_ids = tuple(
+        (name, path)
+        for name, (path, rank) in ids.items()
+        if name not in catalogs or rank >= catalogs[name][1]
+    )
+    return tuple((name, path) for name, (path, _) in catalogs.items()), kept_ids
+
+
 @dataclass(frozen=True)
 class OptionSet:
     """The settings one command takes: its flags, and how they resolve into `Settings`.
@@ -588,8 +622,23 @@ class OptionSet:
         from_file = _file_settings(config_path) if config_path is not None else {}
         values: dict[str, Any] = dict(self.defaults)
         sources: dict[str, str] = {}
+        # catalog and ids merge by NAME, source over source (see _merged_catalogs)
+        layers: dict[str, dict[str, Pairs]] = {}
         for option in self.options:
             dest = option.dest
+            if dest in _CATALOG_PAIRS:
+                found: dict[str, Pairs] = {}
+                if dest in from_file:
+                    found["file"] = from_file[dest]
+                if environ.get(option.env, "").strip():
+                    found["env"] = _convert(option, environ[option.env].strip(), option.env)
+                if option.flag and dest in given:
+                    found["flag"] = _convert(option, list(given[dest]), f"--{option.name}")
+                for source, pairs in found.items():
+                    layers.setdefault(source, {})[dest] = pairs
+                if found:
+                    sources[dest] = list(found)[-1]  # the source whose entries win
+                continue
             if option.flag and dest in given:
                 raw = given[dest]
                 if option.kind == "pairs":
@@ -602,6 +651,8 @@ class OptionSet:
             elif dest in from_file:
                 values[dest] = from_file[dest]
                 sources[dest] = "file"
+        if layers:
+            values["catalog"], values["ids"] = _merged_catalogs(layers)
         sources = {option.dest: sources.get(option.dest, "default") for option in OPTIONS}
         return Settings(**values, sources=sources)
 
