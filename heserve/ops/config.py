@@ -256,6 +256,35 @@ class Settings:
             at_least=0,
         ),
     )
+    max_calls_per_caller: int = field(
+        default=32,
+        metadata=option(
+            "calls one caller (its token's name; without tokens, its address) may run at "
+            "once; the next gets RESOURCE_EXHAUSTED at once",
+            at_least=1,
+        ),
+    )
+    max_streams_per_caller: int = field(
+        default=8,
+        metadata=option(
+            "of those, streaming calls (RegisterKeys, Score, health Watch): a caller cannot "
+            "starve the others by holding streams open",
+            at_least=1,
+        ),
+    )
+    upload_idle_seconds: float = field(
+        default=30.0,
+        metadata=option(
+            "a key upload that sends nothing for this long ends DEADLINE_EXCEEDED",
+            at_least=0.1,
+        ),
+    )
+    upload_total_seconds: float = field(
+        default=300.0,
+        metadata=option(
+            "a key upload not complete after this long ends DEADLINE_EXCEEDED", at_least=1.0
+        ),
+    )
     max_message_bytes: int = field(
         default=4 << 20,
         metadata=option(
