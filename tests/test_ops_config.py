@@ -658,3 +658,29 @@ def test_a_catalogs_ids_travel_with_it_across_sources(tmp_path: Path) -> None:
 
     with_ids = _serve(["--catalog", "books=new.npy", "--ids", "books=new.txt"], environ)
     assert dict(with_ids.ids)["books"] == Path("new.txt")
+
+
+def test_serve_applies_the_per_caller_limits(tmp_path: Path) -> None:
+    """--max-streams-per-caller reaches the server a real `heserve serve` runs: its
+    start line reports the limit its admission holds callers to."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--workers", "0", "--max-streams-per-caller", "3", "--log-format", "json"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            record = json.loads(line)
+            if "listening" in record["msg"]:
+                assert record["max_streams_per_caller"] == 3
+                break
+        else:
+            raise AssertionError("the server never said it was listening")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

@@ -30,6 +30,7 @@ from heserve.ops import config, logs
 from heserve.ops.progress import ProgressBar
 from heserve.protocol.params import PRESETS, CkksParameters
 from heserve.transport.auth import Authenticator, QueryBudget, parse_tokens
+from heserve.transport.bridge import CallLimits
 from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
 
 
@@ -139,6 +140,12 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             max_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.metrics_host,
+            call_limits=CallLimits(
+                max_calls_per_caller=settings.max_calls_per_caller,
+                max_streams_per_caller=settings.max_streams_per_caller,
+                upload_idle_seconds=settings.upload_idle_seconds,
+                upload_total_seconds=settings.upload_total_seconds,
+            ),
         )
         features = [f"preset {settings.preset}", _shards(backend, settings)]
         if protection.enabled:
