@@ -21,7 +21,12 @@ from test_security import Pki, _token, pki  # noqa: F401  (pki: the module's fix
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.protection import ScoreProtection
 from heserve.domain.scorer import KeyRetentionPolicy, Scorer
-from heserve.domain.statement import ACCESS_FIELDS, CALL_STARTED_FIELDS, build_statement
+from heserve.domain.statement import (
+    ACCESS_FIELDS,
+    CALL_STARTED_FIELDS,
+    SCORE_ACCESS_FIELDS,
+    build_statement,
+)
 from heserve.protocol import convert, privacy
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.transport.auth import Authenticator, QueryBudget
@@ -200,7 +205,11 @@ def test_the_log_records_stated_are_the_ones_written(
     assert bool(ended) is written["access"]
     assert bool(started) is written["call_started"]
     for record in ended:
-        assert tuple(record.fields) == ACCESS_FIELDS  # type: ignore[attr-defined]
+        score = record.getMessage().startswith("Score ")
+        expected = ACCESS_FIELDS + SCORE_ACCESS_FIELDS if score else ACCESS_FIELDS
+        assert tuple(record.fields) == expected  # type: ignore[attr-defined]
+    access_stated = next(r for r in statement.logs if r.name == "access")
+    assert access_stated.fields == ACCESS_FIELDS + SCORE_ACCESS_FIELDS
     for record in started:
         assert tuple(record.fields) == CALL_STARTED_FIELDS  # type: ignore[attr-defined]
     registered = [r for r in heserve_log if r.getMessage().startswith("registered keys")]

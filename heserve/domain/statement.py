@@ -41,6 +41,8 @@ ACCESS_FIELDS = (
     "bytes_in",
     "bytes_out",
 )
+SCORE_ACCESS_FIELDS = ("catalog", "queries", "items")
+"""What Score's access line carries besides ACCESS_FIELDS."""
 CALL_STARTED_FIELDS = ("method", "request_id", "caller", "peer", "deadline_ms")
 NEVER_LOGGED = (
     "secret keys",
@@ -142,9 +144,11 @@ def _logs(deployment: Deployment) -> tuple[LoggedRecord, ...]:
         _record(
             "access",
             logging.INFO,
-            ACCESS_FIELDS,
+            ACCESS_FIELDS + SCORE_ACCESS_FIELDS,
             "One line a call as it ends: method, status code, duration, deadline, the API "
-            "token's name (or anonymous) and message sizes (successful health checks at DEBUG).",
+            "token's name (or anonymous) and message sizes; a Score's also names its catalog "
+            "(cut to 64 characters) and counts its queries and the items scored (successful "
+            "health checks at DEBUG).",
             deployment,
         ),
         _record(
