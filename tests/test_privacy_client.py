@@ -8,6 +8,7 @@ the disk hold nothing of the user.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,15 @@ def test_a_user_who_has_not_opted_in_gets_the_published_order_and_sends_nothing(
     assert unranked == list(plain_shelf.ids[:3])  # no published order: catalog order
     assert calls(server, "RegisterKeys") == calls(server, "Score") == 0
     assert len(scorer.keys) == 0
+
+
+def test_heserve_privacy_prints_the_statement(server: RunningServer, tmp_path: Path) -> None:
+    text = run_cli(tmp_path, "privacy", "--server", _target(server))
+    as_json = run_cli(tmp_path, "privacy", "--server", _target(server), "--json")
+
+    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
+    assert text.stdout.startswith("The server never receives a secret key")
+    assert "galois_keys: " in text.stdout and "Kept until 600 s pass" in text.stdout
+    statement = json.loads(as_json.stdout)
+    assert statement["transport"] == "TRANSPORT_SECURITY_PLAINTEXT"
+    assert statement["keys"]["ttl_seconds"] == 600
