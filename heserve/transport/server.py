@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
@@ -180,13 +181,18 @@ class RunningServer:
     admission: CallAdmission | None = None
     _loop: _LoopThread | None = None
     _executor: futures.ThreadPoolExecutor | None = None
+    _servicer: ScoringServicer | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, then let in-flight calls finish within `grace` seconds."""
+        """Report NOT_SERVING, then let in-flight calls finish within `grace` seconds;
+        calls still running then are ended, logged as the shutdown's doing."""
         loop = self._loop
         if loop is None:
             return
         self._loop = None
+        started = time.monotonic()
+        if self._servicer is not None:
+            self._servicer.stopping.set()
         with contextlib.suppress(TimeoutError):
             loop.run(self.health.enter_graceful_shutdown(), timeout=1.0)
         loop.run(self.server.stop(grace))
@@ -194,6 +200,11 @@ class RunningServer:
             self._executor.shutdown(wait=False, cancel_futures=True)
         loop.close()
         self.metrics.close()
+        log.info(
+            "heserve stopped in %.2f s",
+            time.monotonic() - started,
+            extra={"fields": {"event": "stopped", "grace_seconds": grace}},
+        )
 
 
 def start_server(
@@ -243,7 +254,8 @@ def start_server(
         # what the access log (and every heserve logger under it) writes from
         log_level=logging.getLogger("heserve.access").getEffectiveLevel(),
     )
-    pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scorer, deployment), bridge)
+    servicer = ScoringServicer(scorer, deployment)
+    pb_grpc.add_ScoringServiceServicer_to_server(servicer, bridge)
     admission = CallAdmission(limits, authenticator)
     health_servicer = health_async.HealthServicer()
     loop = _LoopThread()
@@ -304,7 +316,7 @@ def start_server(
         },
     )
     return RunningServer(
-        server, bound, health_servicer, metrics, served_metrics, admission, loop, executor
+        server, bound, health_servicer, metrics, served_metrics, admission, loop, executor, servicer
     )
 
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -127,6 +128,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
     def __init__(self, scorer: Scorer, deployment: Deployment | None = None) -> None:
         self._scorer = scorer
         self._deployment = deployment or Deployment()
+        self.stopping = threading.Event()
+        """Set when the server shuts down: calls it ends are its doing, not the client's."""
 
     def server_info(self) -> pb.GetServerInfoResponse:
         """Parameters, limits, retention, and the privacy statement built from them now."""
@@ -244,7 +247,11 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
                 log.info("Score past its deadline after %d of %d responses", run.index, run.total)
                 return
             if not context.is_active():
-                log.info("Score cancelled by the client after %d responses", run.index)
+                if self.stopping.is_set():  # the access log and metrics say so too
+                    context.set_code(grpc.StatusCode.UNAVAILABLE)
+                    log.info("Score ended by the server's shutdown after %d responses", run.index)
+                else:
+                    log.info("Score cancelled by the client after %d responses", run.index)
                 return
             log.debug(
                 "Score response %d of %d: %d items, %d bytes",
