@@ -321,6 +321,51 @@ def pool_setup(workload: Workload, workers: int, params: CkksParameters = PARAMS
     return Runner(scored=workload.items, run=run, error=error, info=info, close=backend.close)
 
 
+RERANK_CANDIDATES = 100
+
+
+def rerank_setup(workload: Workload, locally: bool, workers: int = 2) -> Runner:
+    """Re-ranking 100 candidates end to end: a real server on loopback (2 workers), the
+    Python client's `score(item_ids=...)`, encrypt to decrypt.
+
+    `locally=False`: the server encodes the candidates' diagonals per query and scores
+    them; `locally=True`: the client scores the whole catalog (encoded ahead of time)
+    and picks the candidates. `scored` counts the candidates.
+    """
+    from heserve.transport.server import start_server
+    from heserve_client import Client
+
+    backend = PoolBackend(PARAMS, workers=workers)
+    try:
+        ids = item_ids(workload.items)
+        catalog = Catalog(CATALOG, np.array(workload.catalog), ids)
+        scorer = Scorer(PARAMS, [catalog], backend=backend)
+        server = start_server(scorer, "127.0.0.1", 0)
+    except BaseException:
+        backend.close()
+        raise
+    client = Client(f"127.0.0.1:{server.port}", rerank_locally=locally)
+    rows = np.random.default_rng(QUERY_SEED).choice(workload.items, RERANK_CANDIDATES, False)
+    candidates = [ids[row] for row in rows]
+    expected = workload.catalog[rows] @ workload.query
+
+    def run() -> FloatArray:
+        return client.score(workload.query, catalog=CATALOG, item_ids=candidates)
+
+    def close() -> None:
+        client.close()
+        server.stop(grace=None)
+        backend.close()
+
+    return Runner(
+        scored=RERANK_CANDIDATES,
+        run=run,
+        error=lambda result: float(np.abs(result - expected).max()),
+        info={"candidates": RERANK_CANDIDATES, "where": "client" if locally else "server"},
+        close=close,
+    )
+
+
 # ------------------------------------------------------------------------------ numpy
 
 
@@ -476,6 +521,22 @@ for _workers in (1, 2):
             setup=functools.partial(pool_setup, workers=_workers),
             memory_bytes=pool_memory_bytes,
             gated=_workers == 1,
+        )
+    )
+for _locally in (False, True):
+    register(
+        Method(
+            name="rerank-100-" + ("local" if _locally else "server"),
+            role="subject",
+            description="re-rank 100 candidates end to end over gRPC (2 workers): "
+            + (
+                "whole catalog scored, candidates picked by the client"
+                if _locally
+                else "the server encodes the candidates per query"
+            ),
+            setup=functools.partial(rerank_setup, locally=_locally),
+            memory_bytes=pool_memory_bytes,
+            gated=False,
         )
     )
 register(

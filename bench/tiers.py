@@ -152,6 +152,8 @@ QUICK = Tier(
         "engine-seal": (4_096, 65_536),
         "engine-8-queries": (65_536,),
         "desilofhe": (4_096, 65_536),
+        "rerank-100-server": (65_536,),
+        "rerank-100-local": (65_536,),
         "engine-pool-1": (65_536,),
         "engine-pool-2": (65_536,),
     },
