@@ -8,6 +8,7 @@ ciphertext or a vector.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -111,6 +112,19 @@ class ServedCatalog:
     plan: DiagonalPlan
 
 
+@contextlib.contextmanager
+def _refused_keys() -> Iterator[None]:
+    """Key bytes that do not inflate or load, as the refusals the caller gets."""
+    try:
+        yield
+    except wire.PayloadTooLargeError as exc:
+        raise ResourceExhaustedError(f"key upload too large: {exc}") from None
+    except wire.SerializationError as exc:
+        raise InvalidArgumentError(
+            f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
+        ) from None
+
+
 class Scorer:
     """Validates requests, owns the key store, and scores through a backend.
 
@@ -205,25 +219,14 @@ class Scorer:
         uploading the same keys never share an entry, and the key store's per-caller
         quota applies to it.
         """
-        try:
-            blob = wire.canonical_galois_keys(blob, self.limits.max_key_bytes)
-        except wire.PayloadTooLargeError as exc:
-            raise ResourceExhaustedError(f"key upload too large: {exc}") from None
-        except wire.SerializationError as exc:
-            raise InvalidArgumentError(
-                f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
-            ) from None
+        limit = self.limits.max_key_bytes
+        with _refused_keys():
+            blob = wire.canonical_galois_keys(blob, limit)
         key_id = hashlib.sha256(owner.encode() + b"\0" + blob).hexdigest()[:32] + owner
         if self.keys.touch(key_id):
             return key_id
-        try:
-            keys = wire.load_galois_keys(self.engine.context, blob, self.limits.max_key_bytes)
-        except wire.PayloadTooLargeError as exc:
-            raise ResourceExhaustedError(f"key upload too large: {exc}") from None
-        except wire.SerializationError as exc:
-            raise InvalidArgumentError(
-                f"upload is not SEAL GaloisKeys under the server's parameters ({exc})"
-            ) from None
+        with _refused_keys():
+            keys = wire.load_galois_keys(self.engine.context, blob, limit)
         missing = [
             step
             for step, element in zip(self.galois_steps, self._galois_elements, strict=True)

@@ -473,9 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the scores here and print the best k, one a line: rank, item id, score. The "
         "server never sees the vector nor the scores."
     )
-    recommend.add_argument(
-        "--server", required=True, metavar="HOST:PORT", help="address of the heserve server"
-    )
+    _add_server_arguments(recommend)
     recommend.add_argument(
         "--catalog",
         required=True,
@@ -507,12 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the key pair in this file across runs, and the server's registration "
         "of it beside it (PATH.registration), so that later runs do not upload the keys "
         "again until the server's key TTL",
-    )
-    recommend.add_argument(
-        "--token-file",
-        type=Path,
-        metavar="PATH",
-        help="file holding the API token (default: the HESERVE_TOKEN variable, if set)",
     )
     _add_tls_arguments(recommend)
 
