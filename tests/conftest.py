@@ -139,6 +139,15 @@ def user(books: Catalog) -> np.ndarray:
     return vector
 
 
+@pytest.fixture
+def servers() -> Iterator[list[RunningServer]]:
+    """Servers a test starts itself (append them): stopped when the test ends."""
+    running: list[RunningServer] = []
+    yield running
+    for server in running:
+        server.stop(grace=None)
+
+
 @contextmanager
 def serving(scorer: Scorer, **options: Any) -> Iterator[RunningServer]:
     """A real server for `scorer` on a free loopback port, stopped on exit."""

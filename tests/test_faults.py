@@ -62,14 +62,6 @@ def party() -> SecretContext:
     return SecretContext(DEFAULT_PARAMETERS)
 
 
-@pytest.fixture
-def servers() -> Iterator[list[RunningServer]]:
-    running: list[RunningServer] = []
-    yield running
-    for server in running:
-        server.stop(grace=None)
-
-
 def _target(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"
 

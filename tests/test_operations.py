@@ -55,14 +55,6 @@ def user() -> np.ndarray:
     return vector
 
 
-@pytest.fixture
-def servers() -> Iterator[list[RunningServer]]:
-    running: list[RunningServer] = []
-    yield running
-    for server in running:
-        server.stop(grace=None)
-
-
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample at http://127.0.0.1:port/metrics, by name and sorted labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,14 +52,6 @@ def changed_films(films: Catalog) -> Catalog:
     changed = Catalog("films", rows, (*films.ids, "films-new"))
     assert changed.version != films.version
     return changed
-
-
-@pytest.fixture
-def servers() -> Iterator[list[RunningServer]]:
-    running: list[RunningServer] = []
-    yield running
-    for server in running:
-        server.stop(grace=None)
 
 
 def _start(servers: list[RunningServer], scorer: Scorer, port: int = 0) -> RunningServer:
