@@ -16,8 +16,8 @@ from conftest import Keys
 
 from heserve.he import _mac
 from heserve.he.engine import EncodedChunk, Engine, ResidueChunk, native_kernel_available
-from heserve.he.limbs import ciphertext_limbs
 from heserve.he.plan import DiagonalPlan
+from heserve.protocol.limbs import ciphertext_limbs
 from heserve.protocol.params import PRESETS, CkksParameters
 from heserve.protocol.slots import FloatArray
 

@@ -25,9 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
-from heserve.he import limbs
 from heserve.he.plan import DiagonalPlan
-from heserve.protocol import wire
+from heserve.protocol import limbs, wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray, imaginary_signs
 

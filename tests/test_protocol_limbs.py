@@ -1,4 +1,4 @@
-"""heserve.he.limbs: zero-copy views of SEAL's residues, checked against SEAL itself."""
+"""heserve.protocol.limbs: zero-copy views of SEAL's residues, checked against SEAL itself."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import tenseal.sealapi as seal
 
 from heserve.he.engine import Engine
-from heserve.he.limbs import LayoutError, ciphertext_limbs, plaintext_limbs
 from heserve.protocol import wire
+from heserve.protocol.limbs import LayoutError, ciphertext_limbs, plaintext_limbs
 from heserve.protocol.params import PRESETS, CkksParameters
 
 

@@ -1,7 +1,8 @@
 """The RNS limbs of SEAL ciphertexts and plaintexts as numpy arrays, without copying.
 
-The native kernel (`heserve.he.native`) works on the NTT-form residues SEAL already
-holds, but `tenseal.sealapi` gives no pointer to them: `Ciphertext.data(i)` and
+The server's native kernel (`heserve.he.engine`) and the client's decoding work on
+the NTT-form residues SEAL already holds, but `tenseal.sealapi` gives no pointer to
+them: `Ciphertext.data(i)` and
 `DynArray.at(i)` return one coefficient per Python call (32,768 calls per
 ciphertext at N = 8192, two primes), and a round trip through SEAL's serialization
 costs ~1 ms per ciphertext each way (`save` always compresses, and only to a file).
