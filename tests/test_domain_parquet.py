@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -108,16 +109,16 @@ def test_other_column_names_follow_the_path(tmp_path: Path, rows: FloatArray) ->
         {"item_id": item_ids(ITEMS), "vector": fixed_lists(rows), "score": score},
     )
 
-    catalog = load_catalog("c", tmp_path / "c.parquet#item_id,vector,score")
+    catalog = load_catalog("c", tmp_path / "c.parquet#item_id:vector:score")
     assert catalog.ids == tuple(item_ids(ITEMS))
     assert catalog.popularity == tuple(score.tolist())
     np.testing.assert_array_equal(catalog.embeddings, rows.astype(np.float32))
 
-    without = load_catalog("c", tmp_path / "c.parquet#item_id,vector")
+    without = load_catalog("c", tmp_path / "c.parquet#item_id:vector")
     assert without.popularity is None  # 'score' is not the default popularity column
 
     with pytest.raises(CatalogError, match=r"no column 'popularity'; the file's columns are"):
-        load_catalog("c", tmp_path / "c.parquet#item_id,vector,popularity")
+        load_catalog("c", tmp_path / "c.parquet#item_id:vector:popularity")
 
 
 def test_served_parquet_catalog_scores_like_the_npy_one(tmp_path: Path, rows: FloatArray) -> None:
@@ -225,7 +226,7 @@ def test_a_missing_column_lists_the_columns_there_are(tmp_path: Path, rows: Floa
 
     message = refusal(path)
     assert "no column 'id'; the file's columns are ['item_id', 'vector']" in message
-    assert "PATH#id_column,embedding_column" in message
+    assert "PATH#id_column:embedding_column" in message
 
 
 def test_wrong_column_types_and_files_are_refused(tmp_path: Path, rows: FloatArray) -> None:
@@ -253,6 +254,32 @@ def test_norms_and_id_lengths_are_still_checked_by_the_catalog(
 ) -> None:
     path = write(tmp_path / "c.parquet", {"id": item_ids(6), "embedding": list(rows[:6] * 100)})
     assert "row 0 (0-based) has norm 100" in refusal(path)
+
+
+def test_serve_refuses_a_bad_parquet_row_in_one_line_named_through_the_environment(
+    tmp_path: Path, rows: FloatArray
+) -> None:
+    # the PATH#id:embedding form passes through the settings (here HESERVE_CATALOG) as it is
+    write(
+        tmp_path / "books.parquet",
+        {"item_id": ["a", "b", "c", "b"], "vector": fixed_lists(rows[:4])},
+    )
+    environment = {**os.environ, "HESERVE_CATALOG": "books=books.parquet#item_id:vector"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        "heserve: error: books.parquet: id 'b' is in rows 1 and 3; ids must be unique\n"
+    )
 
 
 # --- pyarrow is optional ---------------------------------------------------------------

@@ -195,7 +195,7 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
     An `.npz` holds `embeddings` and `ids` arrays, and optionally `popularity` (one
     number an item, higher first: the non-personalized order ListItems publishes).
     Pickled objects are never loaded. A `.parquet` has `id` and `embedding` columns, and
-    optionally `popularity`; `books.parquet#item_id,vector[,score]` names others (see
+    optionally `popularity`; `books.parquet#item_id:vector[:score]` names others (see
     heserve.domain.parquet; it needs the `heserve[parquet]` extra).
     """
     # imported here: heserve.domain.parquet builds on this module's CatalogError

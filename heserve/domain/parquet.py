@@ -9,8 +9,8 @@ one preallocated float32 n × d array, so a 1,000,000 × 128 file needs its 512 
 array plus one batch, not an Arrow table and a copy of it.
 
 Column names default to `id`, `embedding` and `popularity` (used when present). Other
-names follow the path after `#`: `books.parquet#item_id,vector` or
-`books.parquet#item_id,vector,score` (an empty name keeps the default). That form works
+names follow the path after `#`: `books.parquet#item_id:vector` or
+`books.parquet#item_id:vector:score` (an empty name keeps the default). That form works
 wherever a catalog path does (`--catalog`, HESERVE_CATALOG, the config file), so no
 setting is needed for it.
 
@@ -60,17 +60,18 @@ class ParquetCatalog:
 
 
 def split_columns(path: Path) -> tuple[Path, ParquetColumns] | None:
-    """(the file, its columns) for a Parquet catalog path, with or without a `#id,embedding
-    [,popularity]` suffix; None for a path that names no Parquet file."""
+    """(the file, its columns) for a Parquet catalog path, with or without a `#id:embedding
+    [:popularity]` suffix (a colon, not a comma: the environment's lists are
+    comma-separated); None for a path that names no Parquet file."""
     base, sep, spec = path.name.rpartition("#")
     if not sep:
         return (path, ParquetColumns()) if path.suffix == PARQUET_SUFFIX else None
     if not base.endswith(PARQUET_SUFFIX):
         return None
-    names = [name.strip() for name in spec.split(",")]
+    names = [name.strip() for name in spec.split(":")]
     if len(names) > 3:
         raise CatalogError(
-            f"{path}: after '#' come at most three column names: id,embedding[,popularity]"
+            f"{path}: after '#' come at most three column names: id:embedding[:popularity]"
         )
     names += [""] * (3 - len(names))
     default = ParquetColumns()
@@ -110,7 +111,7 @@ def read_parquet(
     if missing:
         raise CatalogError(
             f"{path}: no column {missing[0]!r}; the file's columns are {present} "
-            f"(name others as PATH#id_column,embedding_column)"
+            f"(name others as PATH#id_column:embedding_column)"
         )
     _check_types(path, pa, schema, columns, popularity_column)
     fixed = pa.types.is_fixed_size_list(schema.field(columns.embedding).type)
