@@ -153,7 +153,9 @@ class Settings:
     catalog: Pairs = field(
         default=(),
         metadata=option(
-            "serve an .npy (n × d) or .npz (embeddings, ids) catalog as NAME; repeatable "
+            "serve an .npy (n × d), .npz (embeddings, ids) or .parquet (columns id and "
+            "embedding; PATH#id:embedding[:popularity] names others) catalog as NAME; "
+            "repeatable "
             "(environment: comma-separated; file: a list or a table). Without any, the "
             "embedded demo catalog is served. Catalogs merge by NAME across the config "
             "file, the environment and the flags: a later source's NAME replaces the "
