@@ -82,17 +82,26 @@ class ShardBudget:
         self._shard_count = shard_count
         self._per_shard = None if total_bytes is None else total_bytes // shard_count
         self._spent = 0
+        self._charged: dict[str, int] = {}
 
-    def take(self, params: CkksParameters, plan: DiagonalPlan, chunk_count: int) -> int | None:
+    def take(
+        self, params: CkksParameters, plan: DiagonalPlan, chunk_count: int, name: str = ""
+    ) -> int | None:
         """Bytes each shard may encode for a catalog of `chunk_count` chunks (None: no
-        limit), then charge them: the largest shard holds ⌈chunks / shards⌉ chunks."""
+        limit), then charge them to `name`: the largest shard holds ⌈chunks / shards⌉."""
         if self._per_shard is None:
             return None
         left = max(0, self._per_shard - self._spent)
         chunk_bytes = encoded_chunk_bytes(params, plan)
         largest_shard = ceil_div(chunk_count, self._shard_count)
-        self._spent += min(largest_shard, left // chunk_bytes) * chunk_bytes
+        charge = min(largest_shard, left // chunk_bytes) * chunk_bytes
+        self._spent += charge
+        self._charged[name] = self._charged.get(name, 0) + charge
         return left
+
+    def release(self, name: str) -> None:
+        """Give back what catalog `name` was charged (it was removed)."""
+        self._spent -= self._charged.pop(name, 0)
 
 
 class Backend(Protocol):
@@ -118,6 +127,9 @@ class Backend(Protocol):
         """Score `rows` (re-ranking candidates, in the caller's order) under the layout of
         `call.catalog`: per chunk of rows, in order, one serialized ciphertext per query."""
         ...
+
+    def remove_catalog(self, name: str) -> None:
+        """Drop a catalog's chunks (a newer version replaced it and no query uses it)."""
 
     def forget_keys(self, key_id: str) -> None:
         """Drop every copy of these keys (deleted or expired)."""

@@ -31,8 +31,12 @@ class LocalBackend:
         self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         rows = plan.chunk_rows(embeddings)
-        budget = self._budget.take(self.engine.params, plan, len(rows))
+        budget = self._budget.take(self.engine.params, plan, len(rows), name)
         self._shard.load_catalog(name, plan, rows, budget, progress)
+
+    def remove_catalog(self, name: str) -> None:
+        self._shard.remove_catalog(name)
+        self._budget.release(name)
 
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         queries = [query.value for query in call.queries]

@@ -45,6 +45,7 @@ from heserve.backends.pool_worker import (
     Failed,
     ForgetKeys,
     LoadShard,
+    RemoveCatalog,
     Reply,
     ScoreShard,
     Stop,
@@ -308,7 +309,7 @@ class PoolBackend:
     def add_catalog(
         self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
-        budget = self._budget.take(self.params, plan, plan.chunk_count(len(embeddings)))
+        budget = self._budget.take(self.params, plan, plan.chunk_count(len(embeddings)), name)
         spec = _CatalogSpec(name, plan, embeddings, budget)
         self._load_shards(spec, self._workers, progress)
         self._catalogs[name] = spec
@@ -391,6 +392,15 @@ class PoolBackend:
                     f"worker {worker.process.name} died before the request"
                 ) from None
             worker.keys_held.add(call.key_id)
+
+    def remove_catalog(self, name: str) -> None:
+        """Workers drop their chunks after the queries already in their pipes (FIFO)."""
+        self._catalogs.pop(name, None)
+        self._budget.release(name)
+        for worker in self._workers:
+            if worker.alive:
+                with contextlib.suppress(OSError):
+                    worker.send(RemoveCatalog(name))
 
     def forget_keys(self, key_id: str) -> None:
         for worker in self._workers:

@@ -63,11 +63,18 @@ class ForgetKeys:
 
 
 @dataclass(frozen=True)
+class RemoveCatalog:
+    """Drop this worker's chunks of a catalog (a newer version replaced it)."""
+
+    catalog: str
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-ToWorker = LoadShard | ScoreShard | ForgetKeys | Stop
+ToWorker = LoadShard | ScoreShard | ForgetKeys | RemoveCatalog | Stop
 
 # --- worker → front ------------------------------------------------------------------
 
@@ -167,6 +174,10 @@ def serve_worker(
             return
         if isinstance(message, ForgetKeys):
             shard.forget_keys(message.key_id)
+            continue
+        if isinstance(message, RemoveCatalog):
+            shard.remove_catalog(message.catalog)
+            _return_freed_memory()
             continue
         try:
             _serve(shard, conn, message, cancelled)

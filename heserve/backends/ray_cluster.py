@@ -126,6 +126,9 @@ class ShardActor:
         fields = Path("/proc/self/statm").read_text().split()
         return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def remove_catalog(self, name: str) -> None:
+        self._shard.remove_catalog(name)
+
     def load(self, catalog: _ShardCatalog, rows_ref: list[Any]) -> int:
         """Encode this shard of a catalog (rows fetched from the object store)."""
         rows: list[RowArray] = ray.get(rows_ref[0])
@@ -270,7 +273,7 @@ class RayBackend:
         self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         total = plan.chunk_count(len(embeddings))
-        budget = self._budget.take(self.params, plan, total)
+        budget = self._budget.take(self.params, plan, total, name)
         shard_rows = tuple(
             ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
             for shard in range(self.shard_count)
@@ -287,6 +290,12 @@ class RayBackend:
             if progress is not None:
                 progress(done, total)
         self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
+
+    def remove_catalog(self, name: str) -> None:
+        if self._catalogs.pop(name, None) is not None:
+            self._budget.release(name)
+            for actor in self._actors:
+                actor.remove_catalog.remote(name)
 
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         return self._stream(call, self._catalogs[call.catalog].total, None)

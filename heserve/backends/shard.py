@@ -69,6 +69,10 @@ class Shard:
         else:
             self._catalogs[name][1].extend(chunks)
 
+    def remove_catalog(self, name: str) -> None:
+        """Drop a catalog's chunks; a query already scoring them keeps its reference."""
+        self._catalogs.pop(name, None)
+
     def holds_catalog(self, name: str) -> bool:
         return name in self._catalogs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,12 @@ class ServedCatalog:
     catalog: Catalog
     plan: DiagonalPlan
 
+    @property
+    def key(self) -> str:
+        """The backend's name for this version of the catalog: a reload encodes the next
+        version beside this one, and queries already running finish on this one."""
+        return f"{self.catalog.name}@{self.catalog.version}"
+
 
 @contextlib.contextmanager
 def _refused_keys() -> Iterator[None]:
@@ -180,9 +187,16 @@ class Scorer:
                 catalog.dimension,
                 plan.baby_step,
             )
-            self.backend.add_catalog(catalog.name, plan, catalog.embeddings, progress)
-            served[catalog.name] = ServedCatalog(catalog, plan)
+            entry = ServedCatalog(catalog, plan)
+            self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress)
+            served[catalog.name] = entry
         self.catalogs: Mapping[str, ServedCatalog] = dict(sorted(served.items()))
+        self._versions = threading.Lock()  # the catalogs mapping, queries per version
+        self._reloading = threading.Lock()  # one replacement at a time
+        self._in_use: dict[str, int] = {}
+        self._retired: set[str] = set()
+        self.reloads = 0
+        """Catalog versions swapped in since start-up (replace_catalog)."""
         steps = {step for entry in self.catalogs.values() for step in entry.plan.rotation_steps}
         # Step 0 (complex conjugation) comes first: needed for real-slot scores only.
         self.galois_steps = (CONJUGATION_STEP, *sorted(steps))
@@ -264,6 +278,90 @@ class Scorer:
         more_queries: Sequence[bytes] = (),
         deadline: float | None = None,
     ) -> Iterator[ScoredRun]:
+        """`_score` on the catalog version served when the call began: a replacement
+        made while it runs does not drop that version's chunks until it ends."""
+        entry = self._acquire(catalog_name)
+        try:
+            yield from self._score(
+                entry, key_id, query, item_ids, version, complex_scores, more_queries, deadline
+            )
+        finally:
+            self._release(entry)
+
+    def _acquire(self, catalog_name: str) -> ServedCatalog:
+        with self._versions:
+            entry = self.catalog(catalog_name)
+            self._in_use[entry.key] = self._in_use.get(entry.key, 0) + 1
+            return entry
+
+    def _release(self, entry: ServedCatalog) -> None:
+        with self._versions:
+            left = self._in_use[entry.key] = self._in_use[entry.key] - 1
+            drop = left == 0 and entry.key in self._retired
+            if drop:
+                self._retired.discard(entry.key)
+        if drop:
+            self.backend.remove_catalog(entry.key)
+
+    def replace_catalog(self, catalog: Catalog, progress: Progress | None = None) -> bool:
+        """Serve `catalog` instead of the served catalog of its name, without a restart.
+
+        The new version is encoded while the old one keeps serving, then swapped in at
+        once: queries already running finish on the old version, whose chunks are
+        dropped after the last of them; a query pinned to the old version gets
+        FAILED_PRECONDITION (CATALOG_VERSION_CHANGED). Returns False if the catalog is
+        the version already served. A catalog whose layout would need rotation keys
+        that clients did not register (another dimension or size class) is refused:
+        it needs a restart.
+        """
+        with self._reloading:
+            old = self.catalogs.get(catalog.name)
+            if old is None:
+                raise ValueError(f"no catalog named {catalog.name!r} is served")
+            if old.catalog.version == catalog.version:
+                return False
+            plan = DiagonalPlan.for_catalog(
+                catalog.dimension,
+                catalog.item_count,
+                self.params.slot_count,
+                self.backend.shard_count,
+            )
+            extra = set(plan.rotation_steps) - set(self.galois_steps)
+            if extra:
+                raise ValueError(
+                    f"catalog {catalog.name!r}: the new version needs rotation steps "
+                    f"{sorted(extra)} that clients' keys do not cover; restart to serve it"
+                )
+            entry = ServedCatalog(catalog, plan)
+            self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress)
+            with self._versions:
+                self.catalogs = {**self.catalogs, catalog.name: entry}
+                drop = self._in_use.get(old.key, 0) == 0
+                if not drop:
+                    self._retired.add(old.key)
+                self.reloads += 1
+            if drop:
+                self.backend.remove_catalog(old.key)
+            log.info(
+                "catalog %s: version %s replaced %s",
+                catalog.name,
+                catalog.version,
+                old.catalog.version,
+                extra={"fields": {"event": "catalog_replaced", "catalog": catalog.name}},
+            )
+            return True
+
+    def _score(
+        self,
+        entry: ServedCatalog,
+        key_id: str,
+        query: bytes,
+        item_ids: list[str],
+        version: str,
+        complex_scores: bool,
+        more_queries: Sequence[bytes],
+        deadline: float | None,
+    ) -> Iterator[ScoredRun]:
         """Check the whole request, then yield encrypted score runs in order.
 
         Each chunk's result holds 2S scores in complex slots. A client that decodes
@@ -280,7 +378,7 @@ class Scorer:
             )
         self.bounded("key_id", key_id)
         self.bounded("catalog_version", version)
-        entry = self.catalog(catalog_name)
+        catalog_name = entry.catalog.name
         catalog = entry.catalog
         if version and version != catalog.version:
             raise FailedPreconditionError(
@@ -303,7 +401,7 @@ class Scorer:
         loaded = tuple(Sealed(blob, self._load_query(blob)) for blob in queries)
         # Each query is answered in the SEAL 4.x version its header carried.
         minors = [wire.seal_minor(blob) for blob in queries]
-        call = ScoreCall(catalog_name, key_id, keys, loaded, deadline)
+        call = ScoreCall(entry.key, key_id, keys, loaded, deadline)
         if positions is None:
             runs = self.backend.score(call)
             count = catalog.item_count
