@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -32,6 +33,8 @@ from heserve.protocol.params import PRESETS, CkksParameters
 from heserve.transport.auth import Authenticator, QueryBudget, parse_tokens
 from heserve.transport.bridge import CallLimits
 from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
+
+log = logging.getLogger("heserve")
 
 
 def _catalogs(specs: list[tuple[str, Path]], ids: list[tuple[str, Path]]) -> list[Catalog]:
@@ -163,10 +166,31 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             f"{settings.host}:{running.port} ({', '.join(features)})",
             flush=True,
         )
-        serve_until_signalled(running, settings.shutdown_grace)
+        serve_until_signalled(
+            running,
+            settings.shutdown_grace,
+            on_reload=(lambda: reload_catalogs(scorer, settings)) if settings.catalog else None,
+        )
     finally:
         backend.close()
     return 0
+
+
+def reload_catalogs(scorer: Scorer, settings: config.Settings) -> None:
+    """Read the catalog files again and serve what changed (SIGHUP). A file that does
+    not load, or a version the registered keys cannot serve, changes nothing: the
+    served version stays, and the reason is logged."""
+    try:
+        catalogs = _catalogs(list(settings.catalog), list(settings.ids))
+    except (CatalogError, OSError, ValueError) as exc:
+        log.error("catalog reload failed, the served versions stay: %s", exc)
+        return
+    for catalog in catalogs:
+        try:
+            if not scorer.replace_catalog(catalog):
+                log.info("catalog %s: unchanged (version %s)", catalog.name, catalog.version)
+        except ValueError as exc:
+            log.error("catalog reload failed, the served version stays: %s", exc)
 
 
 def _shards(backend: Backend, settings: config.Settings) -> str:

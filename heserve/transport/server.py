@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,15 +320,32 @@ def start_server(
     )
 
 
-def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
-    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+def serve_until_signalled(
+    running: RunningServer,
+    grace: float = 5.0,
+    on_reload: Callable[[], None] | None = None,
+) -> None:
+    """Block until SIGTERM or SIGINT, then shut down gracefully. With `on_reload`, each
+    SIGHUP runs it in a thread of its own (one at a time), while the server serves."""
     stop = threading.Event()
+    reloading = threading.Lock()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received signal %d, shutting down", signum)
         stop.set()
 
+    def reload() -> None:
+        assert on_reload is not None
+        with reloading:
+            on_reload()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP: reloading the catalogs")
+        threading.Thread(target=reload, name="heserve-reload", daemon=True).start()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if on_reload is not None:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         stop.wait()
     finally:

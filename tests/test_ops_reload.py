@@ -1,0 +1,89 @@
+"""SIGHUP reloads the catalog files of a running `heserve serve` (issue 11, reload): the
+changed catalog is served under its new version without a restart, and a file that no
+longer loads changes nothing, the reason logged."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pytest
+from conftest import TIMEOUT, cli_env, free_port
+
+from heserve.domain.catalog import unit_rows
+from heserve_client import Client
+
+
+def _lines_until(stream: IO[str], needle: str) -> list[dict[str, object]]:
+    """JSON log records read until one whose message holds `needle`."""
+    records = []
+    deadline = time.monotonic() + TIMEOUT
+    for line in stream:
+        record = json.loads(line)
+        records.append(record)
+        if needle in str(record.get("msg", "")):
+            return records
+        assert time.monotonic() < deadline, records
+    raise AssertionError(f"the server ended before logging {needle!r}: {records}")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    _lines_until(process.stderr, "listening")
+    try:
+        yield process, f"127.0.0.1:{port}", tmp_path
+    finally:
+        process.terminate()
+        process.wait(timeout=TIMEOUT)
+        process.stderr.close()
+
+
+def test_sighup_serves_the_changed_file_and_a_broken_one_changes_nothing(
+    served: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    process, target, folder = served
+    assert process.stderr is not None
+    vector = unit_rows(1, 12, seed=92)[0]
+    with Client(target) as client:
+        before = client.catalog("shop").version
+        np.testing.assert_allclose(
+            client.score(vector, catalog="shop"),
+            np.load(folder / "shop.npy") @ vector,
+            rtol=0,
+            atol=1e-4,
+        )
+
+        changed = unit_rows(300, 12, seed=93)
+        np.save(folder / "shop.npy", changed)
+        process.send_signal(signal.SIGHUP)
+        _lines_until(process.stderr, "replaced")
+        # the client learns of the new version from the server's refusal and retries
+        np.testing.assert_allclose(
+            client.score(vector, catalog="shop"), changed @ vector, rtol=0, atol=1e-4
+        )
+        assert client.catalog("shop").version != before
+
+        (folder / "shop.npy").write_bytes(b"not a numpy file")
+        process.send_signal(signal.SIGHUP)
+        records = _lines_until(process.stderr, "reload failed")
+        assert records[-1]["level"] == "ERROR" and "shop.npy" in str(records[-1]["msg"])
+        np.testing.assert_allclose(
+            client.score(vector, catalog="shop"), changed @ vector, rtol=0, atol=1e-4
+        )
+    assert process.poll() is None  # still serving
