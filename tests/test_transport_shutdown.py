@@ -78,3 +78,15 @@ def test_a_call_cut_by_the_shutdown_is_logged_as_the_servers_doing(
     assert "cancelled by the client" not in caplog.text
     assert "Score UNAVAILABLE" in caplog.text and "Score CANCELLED" not in caplog.text
     assert "heserve stopped in" in caplog.text
+
+
+def test_a_second_server_on_a_port_in_use_is_refused() -> None:
+    """gRPC's default SO_REUSEPORT would let it start and split the clients between the
+    two servers at random."""
+    scorer = Scorer(DEFAULT_PARAMETERS, [make_catalog("films", 50, 8, seed=73)])
+    first = start_server(scorer, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            start_server(scorer, "127.0.0.1", first.port)
+    finally:
+        first.stop(grace=None)

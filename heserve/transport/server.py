@@ -271,6 +271,9 @@ def start_server(
                 # HTTP/2 settings, CallAdmission before that too.
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+                # gRPC binds with SO_REUSEPORT by default: a second server on a port in
+                # use would start, and clients would reach either one at random.
+                ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
@@ -280,13 +283,16 @@ def start_server(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{host}:{port}"
-        bound = (
-            server.add_secure_port(address, tls.credentials())
-            if tls is not None
-            else server.add_insecure_port(address)
-        )
+        try:
+            bound = (
+                server.add_secure_port(address, tls.credentials())
+                if tls is not None
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:  # grpcio's "Failed to bind to address"
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: in use, or not an address of this host")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
