@@ -69,3 +69,17 @@ def test_unknown_and_repeated_ids_are_refused_alike(
             client.score(vector, catalog="books", item_ids=[books.ids[0], "no-such-item"])
         with pytest.raises(InvalidRequestError, match="repeated"):
             client.score(vector, catalog="books", item_ids=[books.ids[0], books.ids[0]])
+
+
+def test_no_candidates_give_no_scores_and_send_nothing(
+    server: RunningServer, books: Catalog, scorer: Scorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that filtered its candidates down to none gets none back, not the whole
+    catalog; the server is not asked."""
+    calls: list[int] = []
+    monkeypatch.setattr(scorer, "score", lambda *args, **kwargs: calls.append(1))
+    vector = unit_rows(1, books.dimension, seed=64)[0]
+    with Client(f"127.0.0.1:{server.port}") as client:
+        assert client.score(vector, catalog="books", item_ids=[]).shape == (0,)
+        assert client.recommend(vector, catalog="books", k=3, item_ids=[]) == []
+    assert calls == []

@@ -660,6 +660,9 @@ class Client:
         vectors: Sequence[npt.ArrayLike] | npt.NDArray[np.float64],
         item_ids: Sequence[str] | None,
     ) -> list[npt.NDArray[np.float64]]:
+        if item_ids is not None and len(item_ids) == 0:
+            # No candidates: no scores, and nothing sent (never the whole catalog).
+            return [np.empty(0) for _ in vectors]
         if item_ids and self._select_locally(info, len(item_ids)):
             rows = self._positions(info, item_ids)
             return [scores[rows] for scores in self._score_under(info, vectors, None)]
