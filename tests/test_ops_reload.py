@@ -86,4 +86,12 @@ def test_sighup_serves_the_changed_file_and_a_broken_one_changes_nothing(
         np.testing.assert_allclose(
             client.score(vector, catalog="shop"), changed @ vector, rtol=0, atol=1e-4
         )
+
+        np.save(folder / "shop.npy", unit_rows(300, 16, seed=94))  # another dimension
+        process.send_signal(signal.SIGHUP)
+        records = _lines_until(process.stderr, "reload failed")
+        assert "dimension changed from 12 to 16" in str(records[-1]["msg"])
+        np.testing.assert_allclose(
+            client.score(vector, catalog="shop"), changed @ vector, rtol=0, atol=1e-4
+        )
     assert process.poll() is None  # still serving

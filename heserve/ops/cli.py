@@ -177,19 +177,25 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def reload_catalogs(scorer: Scorer, settings: config.Settings) -> None:
-    """Read the catalog files again and serve what changed (SIGHUP). A file that does
-    not load, or a version the registered keys cannot serve, changes nothing: the
-    served version stays, and the reason is logged."""
-    try:
-        catalogs = _catalogs(list(settings.catalog), list(settings.ids))
-    except (CatalogError, OSError, ValueError) as exc:
-        log.error("catalog reload failed, the served versions stay: %s", exc)
-        return
-    for catalog in catalogs:
+    """Read the catalog files named at start-up again and serve what changed (SIGHUP),
+    catalog by catalog. A file that does not load, or a version the server cannot swap
+    in (another dimension, or a layout the registered keys do not cover), changes
+    nothing for its catalog: its served version stays, and the reason is logged. The
+    settings (the config file included) are not read again."""
+    log.info("reloading the catalog files named at start-up (the settings are not read again)")
+    ids_by_name = dict(settings.ids)
+    for name, path in settings.catalog:
         try:
+            catalog = load_catalog(name, path, ids_by_name.get(name))
+            served = scorer.catalog(name).catalog
+            if catalog.dimension != served.dimension:
+                raise ValueError(
+                    f"catalog {name!r}: the dimension changed from {served.dimension} to "
+                    f"{catalog.dimension}: clients' vectors would no longer fit; restart"
+                )
             if not scorer.replace_catalog(catalog):
                 log.info("catalog %s: unchanged (version %s)", catalog.name, catalog.version)
-        except ValueError as exc:
+        except (CatalogError, OSError, ValueError) as exc:
             log.error("catalog reload failed, the served version stays: %s", exc)
 
 
