@@ -686,3 +686,10 @@ def test_malformed_catalog_files_are_refused(
     for path, ids_path in cases:
         with pytest.raises(CatalogError):
             load_catalog("c", path, ids_path)
+
+
+def test_a_file_that_is_not_an_npz_says_so(tmp_path: Path) -> None:
+    """Not numpy's pickle warning (the file holds no objects: it is no zip at all)."""
+    (tmp_path / "g.npz").write_text("garbage")
+    with pytest.raises(CatalogError, match="not an .npz file"):
+        load_catalog("g", tmp_path / "g.npz")

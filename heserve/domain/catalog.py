@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,8 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
         if path.suffix == ".npz":
             if ids_path is not None:
                 raise CatalogError(f"{path}: an .npz carries its own ids; drop the ids file")
+            if not zipfile.is_zipfile(path):
+                raise CatalogError(f"{path}: not an .npz file (numpy.savez writes a zip archive)")
             with np.load(path, allow_pickle=False) as archive:
                 if "embeddings" not in archive or "ids" not in archive:
                     raise CatalogError(f"{path}: an .npz catalog needs 'embeddings' and 'ids'")

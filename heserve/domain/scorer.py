@@ -234,6 +234,7 @@ class Scorer:
         quota applies to it.
         """
         limit = self.limits.max_key_bytes
+        uploaded = len(blob)
         with _refused_keys():
             blob = wire.canonical_galois_keys(blob, limit)
         key_id = hashlib.sha256(owner.encode() + b"\0" + blob).hexdigest()[:32] + owner
@@ -255,7 +256,7 @@ class Scorer:
             self.keys.put(key_id, Sealed(blob, keys), size, owner=owner)
         except KeyTooLargeError as exc:
             raise ResourceExhaustedError(f"keys do not fit the key store: {exc}") from None
-        log.info("registered keys %s (%d bytes uploaded)", key_id[:12], len(blob))
+        log.info("registered keys %s (%d bytes uploaded)", key_id[:12], uploaded)
         return key_id
 
     def _loaded_size(self, keys: seal.GaloisKeys) -> int:
