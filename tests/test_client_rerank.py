@@ -12,7 +12,7 @@ import pytest
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.scorer import Scorer
 from heserve.transport.server import RunningServer
-from heserve_client import Client, InvalidRequestError, NotFoundError
+from heserve_client import Client, ClientClosedError, InvalidRequestError, NotFoundError
 
 TOLERANCE = 1e-4
 
@@ -83,3 +83,13 @@ def test_no_candidates_give_no_scores_and_send_nothing(
         assert client.score(vector, catalog="books", item_ids=[]).shape == (0,)
         assert client.recommend(vector, catalog="books", k=3, item_ids=[]) == []
     assert calls == []
+
+
+def test_a_closed_client_says_so(server: RunningServer, books: Catalog) -> None:
+    vector = unit_rows(1, books.dimension, seed=65)[0]
+    client = Client(f"127.0.0.1:{server.port}")
+    client.close()
+    with pytest.raises(ClientClosedError, match="closed"):
+        client.score(vector, catalog="books")
+    with pytest.raises(ClientClosedError):
+        client.catalogs()

@@ -22,6 +22,7 @@ from heserve_client._client import (
     forget_me,
 )
 from heserve_client._errors import (
+    ClientClosedError,
     ConjugationKeyMissingError,
     HeserveError,
     InvalidRequestError,
@@ -41,6 +42,7 @@ from heserve_client._secret import SecretContext
 __all__ = [
     "CatalogInfo",
     "Client",
+    "ClientClosedError",
     "ConjugationKeyMissingError",
     "ErasureReport",
     "HeserveError",

@@ -42,6 +42,7 @@ from heserve.protocol.slots import query_slots, unpack_complex
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
 from heserve_client._errors import (
+    ClientClosedError,
     HeserveError,
     InvalidRequestError,
     KeyNotFoundError,
@@ -291,6 +292,7 @@ class Client:
         self.rerank_locally = rerank_locally
         self._row_maps: dict[str, tuple[str, dict[str, int]]] = {}
         self._connected = False  # retries begin once the server has answered once
+        self._closed = False
         self.stats = TransferStats()
         self.last_request_id = ""
         self.max_message_bytes = max_message_bytes
@@ -388,6 +390,7 @@ class Client:
             with contextlib.suppress(OSError):
                 self._record.save(self._target, self._session.key_id, self._key_ttl)
         self._channel.close()
+        self._closed = True
 
     def _open_channel(self) -> grpc.Channel:
         options: list[tuple[str, Any]] = [
@@ -411,6 +414,8 @@ class Client:
 
     def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call a stub method (or any callable), mapping gRPC errors."""
+        if self._closed:
+            raise ClientClosedError("this client is closed; make a new Client")
         try:
             return method(*args, **kwargs)
         except grpc.RpcError as error:
@@ -602,6 +607,7 @@ class Client:
         self._key_file = None
         self.forget_keys_on_close = False
         self._channel.close()
+        self._closed = True
         report = ErasureReport(
             self._target, tuple(erased), tuple(gone), tuple(removed), tuple(left)
         )

@@ -28,6 +28,10 @@ class HeserveError(Exception):
         self.reason = reason
 
 
+class ClientClosedError(HeserveError):
+    """The Client was closed (`close`, the end of its `with` block, `forget_me`)."""
+
+
 class InvalidRequestError(HeserveError):
     """The server refused the request as malformed (INVALID_ARGUMENT)."""
 
