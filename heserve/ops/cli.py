@@ -123,6 +123,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
         ttl_seconds=settings.key_ttl,
         max_keys=settings.max_keys,
         max_bytes=settings.max_key_store_bytes,
+        max_keys_per_caller=settings.max_keys_per_caller,
     )
     params = PRESETS[settings.preset]
     backend = _backend(settings, params)

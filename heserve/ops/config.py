@@ -245,6 +245,15 @@ class Settings:
     max_keys: int = field(
         default=256, metadata=option("most key sets held", at_least=1, at_most=UINT32_MAX)
     )
+    max_keys_per_caller: int = field(
+        default=0,
+        metadata=option(
+            "most key sets one caller (token) holds; past it the caller's own least "
+            "recently used goes, never another's (0: a quarter of --max-keys)",
+            at_least=0,
+            at_most=UINT32_MAX,
+        ),
+    )
     max_key_store_bytes: int = field(
         default=1 << 30,
         metadata=option("most bytes of keys held", at_least=1, at_most=(1 << 64) - 1),
