@@ -280,3 +280,10 @@ def test_heserve_privacy_prints_the_statement(server: RunningServer, tmp_path: P
     statement = json.loads(as_json.stdout)
     assert statement["transport"] == "TRANSPORT_SECURITY_PLAINTEXT"
     assert statement["keys"]["ttl_seconds"] == 600
+
+
+def test_heserve_forget_with_no_key_file_says_so(server: RunningServer, tmp_path: Path) -> None:
+    """A mistyped path must not look like a completed erasure."""
+    result = run_cli(tmp_path, "forget", "--server", _target(server), "--key-file", "typo.key")
+    assert result.returncode == 1
+    assert "typo.key: no key file here" in result.stderr

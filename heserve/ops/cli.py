@@ -242,9 +242,18 @@ def _client_errors() -> Iterator[None]:
     try:
         yield
     except ServerUnavailableError as exc:
+        if _TLS_REFUSED.search(str(exc)):  # a wrong CA or name: retrying cannot help
+            raise CommandError(
+                f"{exc} (the server's certificate was refused: check --tls-ca and "
+                "--tls-server-name)",
+                EXIT_USAGE,
+            ) from None
         raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
     except HeserveError as exc:
         raise CommandError(str(exc)) from None
+
+
+_TLS_REFUSED = re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|WRONG_VERSION")
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -359,6 +368,10 @@ def cmd_forget(args: argparse.Namespace, settings: config.Settings) -> int:
     registration record; print what was erased."""
     from heserve_client import forget_me
 
+    if not Path(args.key_file).exists():
+        raise CommandError(
+            f"{args.key_file}: no key file here, so nothing is known to erase (a typo?)"
+        )
     with _client_errors():
         report = forget_me(args.server, args.key_file, **_connection(args))
     print(report)
