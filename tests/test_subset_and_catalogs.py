@@ -691,5 +691,5 @@ def test_malformed_catalog_files_are_refused(
 def test_a_file_that_is_not_an_npz_says_so(tmp_path: Path) -> None:
     """Not numpy's pickle warning (the file holds no objects: it is no zip at all)."""
     (tmp_path / "g.npz").write_text("garbage")
-    with pytest.raises(CatalogError, match="not an .npz file"):
+    with pytest.raises(CatalogError, match=r"not an \.npz file"):
         load_catalog("g", tmp_path / "g.npz")
