@@ -364,4 +364,7 @@ class RayBackend:
         self._closing = True
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
+        # The watcher wakes as the actors die; joined here, it makes no Ray call after
+        # close (one after ray.shutdown() would connect to the cluster again).
+        self._watcher.join(timeout=30)
         self._actors = []
