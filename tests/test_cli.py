@@ -444,3 +444,14 @@ def test_recommend_exit_statuses_and_one_line_errors(tmp_path: Path, json_server
     gone = run(*base, "--catalog", "shop")
     assert gone.returncode == 75  # nobody there: try again later
     assert "UNAVAILABLE" in gone.stderr
+
+
+def test_a_failed_command_reports_in_json_when_the_logs_are_json(tmp_path: Path) -> None:
+    """One format per stream: the error line is a JSON record too."""
+    result = heserve(
+        "--log-format", "json", "serve", "--port", "0", "--catalog", "a=missing.npy",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1]["level"] == "ERROR" and "missing.npy" in lines[-1]["msg"]

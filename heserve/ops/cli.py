@@ -625,16 +625,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options: config.OptionSet = args.options
     handler: Handler = args.handler
+    settings: config.Settings | None = None
     try:
         settings = options.resolve(args, os.environ)
         logs.configure(settings.log_level, settings.log_format)
         return handler(args, settings)
     except CommandError as exc:
-        print(f"heserve: error: {exc}", file=sys.stderr)
+        _report_error(str(exc), settings)
         return exc.status
     except (CatalogError, OSError, ValueError) as exc:  # settings, or files they name
-        print(f"heserve: error: {exc}", file=sys.stderr)
+        _report_error(str(exc), settings)
         return EXIT_USAGE
+
+
+def _report_error(message: str, settings: config.Settings | None) -> None:
+    """The one line a failed command leaves on stderr: a JSON record when the logs are
+    JSON (a log shipper reads one format per stream), else `heserve: error: ...`."""
+    if settings is not None and settings.log_format == "json":
+        log.error(message)
+    else:
+        print(f"heserve: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
