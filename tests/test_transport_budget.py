@@ -43,15 +43,24 @@ def _code(stub: pb_grpc.ScoringServiceStub, request: pb.ScoreRequest) -> grpc.St
     return grpc.StatusCode.OK
 
 
+def _alice_with_a_query(
+    stub: pb_grpc.ScoringServiceStub, films: Catalog, seed: int
+) -> tuple[bytes, str, bytes]:
+    """A key pair's Galois keys registered as alice, their key_id, and a query of it."""
+    secret = SecretContext(DEFAULT_PARAMETERS)
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT, metadata=ALICE)
+    keys = secret.galois_keys(list(info.ckks.galois_steps))
+    key_id = register_keys(stub, keys, metadata=ALICE)
+    vector = unit_rows(1, films.dimension, seed=seed)[0]
+    query = secret.encrypt(query_slots(vector, films.dimension, DEFAULT_PARAMETERS.slot_count))
+    return keys, key_id, query
+
+
 def test_each_query_of_a_call_is_charged_and_a_call_past_the_budget_is_refused_whole(
     budgeted: tuple[RunningServer, pb_grpc.ScoringServiceStub], films: Catalog
 ) -> None:
     _, stub = budgeted
-    secret = SecretContext(DEFAULT_PARAMETERS)
-    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT, metadata=ALICE)
-    key_id = register_keys(stub, secret.galois_keys(list(info.ckks.galois_steps)), metadata=ALICE)
-    vector = unit_rows(1, films.dimension, seed=5)[0]
-    query = secret.encrypt(query_slots(vector, films.dimension, DEFAULT_PARAMETERS.slot_count))
+    _, key_id, query = _alice_with_a_query(stub, films, seed=5)
 
     def request(queries: int) -> pb.ScoreRequest:
         return pb.ScoreRequest(
@@ -72,16 +81,12 @@ def test_a_call_whose_keys_are_gone_is_not_charged(
     budgeted: tuple[RunningServer, pb_grpc.ScoringServiceStub], films: Catalog
 ) -> None:
     _, stub = budgeted
-    secret = SecretContext(DEFAULT_PARAMETERS)
-    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT, metadata=ALICE)
-    key_id = register_keys(stub, secret.galois_keys(list(info.ckks.galois_steps)), metadata=ALICE)
-    vector = unit_rows(1, films.dimension, seed=6)[0]
-    query = secret.encrypt(query_slots(vector, films.dimension, DEFAULT_PARAMETERS.slot_count))
+    keys, key_id, query = _alice_with_a_query(stub, films, seed=6)
     stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), timeout=TIMEOUT, metadata=ALICE)
     gone = pb.ScoreRequest(key_id=key_id, catalog="films", query=query, complex_scores=True)
     for _ in range(6):  # more than the budget of 4: none of them is charged
         assert _code(stub, gone) == grpc.StatusCode.NOT_FOUND
-    key_id = register_keys(stub, secret.galois_keys(list(info.ckks.galois_steps)), metadata=ALICE)
+    key_id = register_keys(stub, keys, metadata=ALICE)
     again = pb.ScoreRequest(key_id=key_id, catalog="films", query=query, complex_scores=True)
     assert [_code(stub, again) for _ in range(5)] == [grpc.StatusCode.OK] * 4 + [
         grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -85,7 +85,7 @@ class ShardBudget:
         self._charged: dict[str, int] = {}
 
     def take(
-        self, params: CkksParameters, plan: DiagonalPlan, chunk_count: int, name: str = ""
+        self, params: CkksParameters, plan: DiagonalPlan, chunk_count: int, name: str
     ) -> int | None:
         """Bytes each shard may encode for a catalog of `chunk_count` chunks (None: no
         limit), then charge them to `name`: the largest shard holds ⌈chunks / shards⌉."""

@@ -177,9 +177,7 @@ class Scorer:
         for catalog in catalogs:
             if catalog.name in served:
                 raise ValueError(f"two catalogs are named {catalog.name!r}")
-            plan = DiagonalPlan.for_catalog(
-                catalog.dimension, catalog.item_count, params.slot_count, self.backend.shard_count
-            )
+            plan = self._plan_for(catalog)
             log.info(
                 "encoding catalog %s: %d items × %d dims, baby step %d",
                 catalog.name,
@@ -289,6 +287,12 @@ class Scorer:
         finally:
             self._release(entry)
 
+    def _plan_for(self, catalog: Catalog) -> DiagonalPlan:
+        """The slot layout a catalog is encoded under, at start-up and on a reload alike."""
+        return DiagonalPlan.for_catalog(
+            catalog.dimension, catalog.item_count, self.params.slot_count, self.backend.shard_count
+        )
+
     def _acquire(self, catalog_name: str) -> ServedCatalog:
         with self._versions:
             entry = self.catalog(catalog_name)
@@ -321,12 +325,7 @@ class Scorer:
                 raise ValueError(f"no catalog named {catalog.name!r} is served")
             if old.catalog.version == catalog.version:
                 return False
-            plan = DiagonalPlan.for_catalog(
-                catalog.dimension,
-                catalog.item_count,
-                self.params.slot_count,
-                self.backend.shard_count,
-            )
+            plan = self._plan_for(catalog)
             extra = set(plan.rotation_steps) - set(self.galois_steps)
             if extra:
                 raise ValueError(

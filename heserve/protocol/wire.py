@@ -44,7 +44,8 @@ ACCEPTED_MINORS = frozenset({0, 1, 2, 3})
 _SAME_LAYOUT_MINORS = ACCEPTED_MINORS
 _WIRE_MINOR = 1  # the wire speaks SEAL 4.1
 _OWN_OBJECT_BYTES = 1 << 31  # inflate limit for objects this process made itself
-_CIPHERTEXT_FIELDS = 32 + 1 + 5 * 8  # parms_id, is_ntt_form, size, N, primes, scale, corr.
+# A Ciphertext's fields: parms_id, is_ntt_form, size, N, primes, scale, correction factor.
+_CIPHERTEXT_FIELDS = struct.Struct("<4Q?QQQdQ")
 _PLAINTEXT_FIELDS = 32 + 8 + 8  # parms_id, coeff_count, scale
 _KIND_CIPHERTEXT, _KIND_PLAINTEXT, _KIND_KSWITCH_KEYS = "ciphertext", "plaintext", "kswitch"
 _SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -80,9 +81,6 @@ def to_bytes(obj: _Saveable) -> bytes:
         return path.read_bytes()
 
 
-_CIPHERTEXT_STRUCT = struct.Struct("<4Q?QQQdQ")  # the fields _CIPHERTEXT_FIELDS counts
-
-
 def ciphertext_bytes(
     parms_id: Sequence[int],
     is_ntt_form: bool,
@@ -102,11 +100,11 @@ def ciphertext_bytes(
     if data.nbytes != 8 * count:
         raise SerializationError(f"expected {count} residues, got {data.nbytes // 8}")
     array_size = _HEADER.size + 8 + data.nbytes
-    total = _HEADER.size + _CIPHERTEXT_STRUCT.size + array_size
+    total = _HEADER.size + _CIPHERTEXT_FIELDS.size + array_size
     return b"".join(
         (
             _HEADER.pack(_MAGIC, _HEADER.size, 4, _WIRE_MINOR, _COMPR_NONE, 0, total),
-            _CIPHERTEXT_STRUCT.pack(
+            _CIPHERTEXT_FIELDS.pack(
                 *parms_id, is_ntt_form, size, poly_modulus_degree, primes, scale,
                 correction_factor,
             ),
@@ -215,7 +213,7 @@ def _retag_object(buffer: bytearray, pos: int, end: int, kind: str, minor: int) 
     object_end = _retag_header(buffer, pos, end, minor)
     pos += _HEADER.size
     if kind == _KIND_CIPHERTEXT:  # fields, the data array, and a PRNG seed if seeded
-        pos = _retag_header(buffer, pos + _CIPHERTEXT_FIELDS, object_end, minor)
+        pos = _retag_header(buffer, pos + _CIPHERTEXT_FIELDS.size, object_end, minor)
         if pos < object_end:
             pos = _retag_header(buffer, pos, object_end, minor)
     elif kind == _KIND_PLAINTEXT:  # a SecretKey is its Plaintext
