@@ -1,4 +1,6 @@
-"""Generate the Python gRPC stubs for proto/heserve/v1 into heserve/v1.
+"""Generate the Python gRPC stubs of every package under proto/ into heserve/:
+proto/heserve/v1 (the ScoringService) into heserve/v1, proto/heserve/admin/v1 (the
+CatalogAdminService) into heserve/admin/v1.
 
 One script, one pinned grpcio-tools (see pyproject's dev extra), so the committed
 stubs are reproducible; tests/test_stubs.py regenerates them and fails on a diff.
@@ -15,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(out_dir: Path) -> None:
-    """Write scoring_pb2.py, scoring_pb2.pyi and scoring_pb2_grpc.py under out_dir/heserve/v1."""
+    """Write NAME_pb2.py, NAME_pb2.pyi and NAME_pb2_grpc.py of each proto/**/NAME.proto
+    under out_dir, in its package's folder (heserve/v1, heserve/admin/v1)."""
     proto_root = ROOT / "proto"
     sources = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"

@@ -1,4 +1,5 @@
-"""The committed gRPC stubs are what the proto generates, and the proto is buf-lint clean."""
+"""The committed gRPC stubs are what the protos generate (heserve.v1, and the admin
+service's heserve.admin.v1), and the protos are buf-lint clean."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from typing import cast
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "heserve" / "v1"
-STUBS = ("scoring_pb2.py", "scoring_pb2.pyi", "scoring_pb2_grpc.py")
+# Each package's folder under heserve/, and the stub files protoc writes there.
+PACKAGES = {
+    Path("v1"): ("scoring_pb2.py", "scoring_pb2.pyi", "scoring_pb2_grpc.py"),
+    Path("admin", "v1"): ("admin_pb2.py", "admin_pb2.pyi", "admin_pb2_grpc.py"),
+}
+STUBS = [folder / name for folder, names in PACKAGES.items() for name in names]
 
 
 def _generate() -> Callable[[Path], None]:
@@ -30,19 +35,32 @@ def _generate() -> Callable[[Path], None]:
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stubs")
     _generate()(out)
-    return out / "heserve" / "v1"
+    return out / "heserve"
 
 
 def test_generates_exactly_the_committed_stub_files(generated: Path) -> None:
-    assert sorted(p.name for p in generated.iterdir()) == sorted(STUBS)
+    """Every proto's stubs, and nothing else (no stray package, no stub left behind)."""
+    written = sorted(p.relative_to(generated) for p in generated.rglob("*") if p.is_file())
+    assert written == sorted(STUBS)
 
 
-@pytest.mark.parametrize("name", STUBS)
-def test_committed_stub_is_up_to_date(generated: Path, name: str) -> None:
+def test_every_generated_package_is_importable_and_installed() -> None:
+    """A package folder without __init__.py, or missing from pyproject's package list,
+    would import here (the source tree) and not from an installed wheel."""
+    listed = (ROOT / "pyproject.toml").read_text()
+    for folder in PACKAGES:
+        for depth in range(1, len(folder.parts) + 1):
+            package = Path(*folder.parts[:depth])
+            assert (ROOT / "heserve" / package / "__init__.py").is_file(), package
+            assert f'"heserve.{".".join(package.parts)}"' in listed, package
+
+
+@pytest.mark.parametrize("name", STUBS, ids=str)
+def test_committed_stub_is_up_to_date(generated: Path, name: Path) -> None:
     fresh = (generated / name).read_bytes()
-    committed = (COMMITTED / name).read_bytes()
+    committed = (ROOT / "heserve" / name).read_bytes()
     assert fresh == committed, (
-        f"heserve/v1/{name} is stale: run `make stubs` (scripts/gen_stubs.py) and commit it"
+        f"heserve/{name} is stale: run `make stubs` (scripts/gen_stubs.py) and commit it"
     )
 
 
