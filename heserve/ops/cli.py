@@ -1,4 +1,5 @@
-"""The `heserve` command: serve, demo, recommend.
+"""The `heserve` command: serve, demo, recommend, forget, privacy, and admin (reload,
+update: the operator's calls to a running server's catalog admin service).
 
 Exit status: 0 success; 1 the command ran and failed (the server refused the request,
 or an internal error); 2 the command cannot run as given (flags, settings, or a file
@@ -17,22 +18,38 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from heserve import __version__
+from heserve.admin.v1 import admin_pb2, admin_pb2_grpc
 from heserve.backends.base import Backend
 from heserve.backends.local import LocalBackend
 from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog, CatalogError, demo_catalog, load_catalog, unit_rows
 from heserve.domain.protection import ScoreProtection
-from heserve.domain.scorer import KeyRetentionPolicy, Scorer, SizeLimits
+from heserve.domain.scorer import (
+    MAX_UPDATE_ITEMS,
+    CatalogChange,
+    KeyRetentionPolicy,
+    Scorer,
+    SizeLimits,
+)
 from heserve.ops import config, logs
 from heserve.ops.progress import ProgressBar
 from heserve.protocol.params import PRESETS, CkksParameters
-from heserve.transport.auth import Authenticator, QueryBudget, parse_tokens
+from heserve.protocol.pem import read_pem
+from heserve.transport.auth import ADMIN_PREFIX, Authenticator, QueryBudget, parse_tokens
 from heserve.transport.bridge import CallLimits
-from heserve.transport.server import TlsConfig, serve_until_signalled, start_server
+from heserve.transport.server import (
+    AdminConfig,
+    OneAtATime,
+    TlsConfig,
+    refuse_shared_tokens,
+    serve_until_signalled,
+    start_server,
+)
 
 log = logging.getLogger("heserve")
 
@@ -108,6 +125,14 @@ def _scorer(
 def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     # Everything that can be wrong with the files is found before the catalogs are encoded.
     authenticator = Authenticator.load(settings.tokens_file, settings.tokens)
+    admin_authenticator = Authenticator.load(
+        settings.admin_tokens_file,
+        settings.admin_tokens,
+        setting="HESERVE_ADMIN_TOKENS",
+        prefix=ADMIN_PREFIX,
+    )
+    if authenticator is not None and admin_authenticator is not None:
+        refuse_shared_tokens(authenticator, admin_authenticator)
     budget = (
         QueryBudget(settings.query_budget, settings.query_budget_window)
         if settings.query_budget
@@ -133,6 +158,8 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
         scorer = _scorer(
             catalogs, retention, params, backend, limits, protection, settings.log_format
         )
+        # SIGHUP and the admin service's ReloadCatalogs: one reload at a time between them
+        reload = OneAtATime(lambda: reload_catalogs(scorer, settings)) if settings.catalog else None
         running = start_server(
             scorer,
             settings.host,
@@ -150,6 +177,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
                 upload_idle_seconds=settings.upload_idle_seconds,
                 upload_total_seconds=settings.upload_total_seconds,
             ),
+            admin=None if admin_authenticator is None else AdminConfig(admin_authenticator, reload),
         )
         features = [f"preset {settings.preset}", _shards(backend, settings)]
         if protection.enabled:
@@ -160,6 +188,8 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             features.append("mutual TLS" if tls.client_ca else "TLS")
         if authenticator is not None:
             features.append(f"{len(authenticator)} API token(s)")
+        if admin_authenticator is not None:
+            features.append(f"admin service: {len(admin_authenticator)} admin token(s)")
         if running.metrics_port is not None:
             features.append(f"metrics on {settings.metrics_host}:{running.metrics_port}")
         print(
@@ -167,26 +197,24 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             f"{settings.host}:{running.port} ({', '.join(features)})",
             flush=True,
         )
-        serve_until_signalled(
-            running,
-            settings.shutdown_grace,
-            on_reload=(lambda: reload_catalogs(scorer, settings)) if settings.catalog else None,
-        )
+        serve_until_signalled(running, settings.shutdown_grace, on_reload=reload)
     finally:
         backend.close()
     return 0
 
 
-def reload_catalogs(scorer: Scorer, settings: config.Settings) -> None:
-    """Read the catalog files named at start-up again and serve what changed (SIGHUP),
-    catalog by catalog. A file that does not load, or a version the server cannot swap
-    in (another dimension, or a layout the registered keys do not cover), changes
-    nothing for its catalog: its served version stays, and the reason is logged. The
-    settings (the config file included) are not read again."""
+def reload_catalogs(scorer: Scorer, settings: config.Settings) -> list[CatalogChange]:
+    """Read the catalog files named at start-up again and serve what changed (SIGHUP, and
+    the admin service's ReloadCatalogs), catalog by catalog; one change per catalog. A
+    file that does not load, or a version the server cannot swap in (another dimension,
+    or a layout the registered keys do not cover), changes nothing for its catalog: its
+    served version stays, and the change (and its log line) says why. The settings (the
+    config file included) are not read again."""
     log.info("reloading the catalog files named at start-up (the settings are not read again)")
     ids_by_name = dict(settings.ids)
-    for name, path in settings.catalog:
-        try:
+
+    def loader(name: str, path: Path) -> Callable[[], Catalog]:
+        def load() -> Catalog:
             catalog = load_catalog(name, path, ids_by_name.get(name))
             served = scorer.catalog(name).catalog
             if catalog.dimension != served.dimension:
@@ -194,10 +222,11 @@ def reload_catalogs(scorer: Scorer, settings: config.Settings) -> None:
                     f"catalog {name!r}: the dimension changed from {served.dimension} to "
                     f"{catalog.dimension}: clients' vectors would no longer fit; restart"
                 )
-            if not scorer.replace_catalog(catalog):
-                log.info("catalog %s: unchanged (version %s)", catalog.name, catalog.version)
-        except (CatalogError, OSError, ValueError) as exc:
-            log.error("catalog reload failed, the served version stays: %s", exc)
+            return catalog
+
+        return load
+
+    return [scorer.reload(name, loader(name, path)) for name, path in settings.catalog]
 
 
 def _shards(backend: Backend, settings: config.Settings) -> str:
@@ -458,6 +487,214 @@ def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0 if agree else 1
 
 
+# --- heserve admin: the operator's calls to the catalog admin service -------------------
+
+_ADMIN_TIMEOUT_SECONDS = 600.0  # a reload re-encodes every changed catalog (~12 s a million rows)
+_MESSAGE_MARGIN_BYTES = 64 << 10  # what an UpdateItems batch leaves of the message limit
+_OUTCOME_NAMES = {
+    admin_pb2.CATALOG_CHANGE_OUTCOME_UPDATED: "updated",
+    admin_pb2.CATALOG_CHANGE_OUTCOME_REPLACED: "replaced",
+    admin_pb2.CATALOG_CHANGE_OUTCOME_UNCHANGED: "unchanged",
+    admin_pb2.CATALOG_CHANGE_OUTCOME_FAILED: "failed",
+}
+
+
+def _admin_token(path: Path | None) -> str:
+    """The admin token in `path` (its first entry, as in the server's admin tokens file),
+    else the HESERVE_ADMIN_TOKEN variable; one is needed."""
+    if path is not None:
+        entries = parse_tokens(path.read_text(), str(path))
+        if not entries:
+            raise ValueError(f"{path} holds no token")
+        return entries[0][1]
+    token = os.environ.get("HESERVE_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise config.ConfigError(
+            "the admin service needs an admin token: --admin-token-file PATH, or the "
+            "HESERVE_ADMIN_TOKEN variable"
+        )
+    return token
+
+
+def _admin_channel(args: argparse.Namespace) -> Any:
+    """A channel to `--server`, with TLS as the flags say (as `heserve recommend` has)."""
+    import grpc
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise config.ConfigError("--tls-cert and --tls-key go together")
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", args.max_message_bytes),
+        ("grpc.max_receive_message_length", args.max_message_bytes),
+    ]
+    secure = args.tls or any(
+        value is not None
+        for value in (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    )
+    if not secure:
+        return grpc.insecure_channel(args.server, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=None if args.tls_ca is None else read_pem(args.tls_ca),
+        private_key=None if args.tls_key is None else read_pem(args.tls_key, private=True),
+        certificate_chain=None if args.tls_cert is None else read_pem(args.tls_cert),
+    )
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return grpc.secure_channel(args.server, credentials, options=options)
+
+
+@contextlib.contextmanager
+def _admin_errors(server: str) -> Iterator[None]:
+    """A failed admin call as a CommandError: the status and the server's message, with
+    what to do about the statuses an operator meets first."""
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()  # a grpc.Call
+        details: str = exc.details() or ""
+        message = f"{server}: {code.name}: {details}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if _TLS_REFUSED.search(details):
+                raise CommandError(
+                    f"{message} (the server's certificate was refused: check --tls-ca and "
+                    "--tls-server-name)",
+                    EXIT_USAGE,
+                ) from None
+            raise CommandError(message, EXIT_UNAVAILABLE) from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            message += (
+                " (this server serves no admin service: start it with --admin-tokens-file "
+                "or HESERVE_ADMIN_TOKENS)"
+            )
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message" in details.lower():
+            message += " (lower --max-message-bytes to the server's limit)"
+        raise CommandError(message) from None
+
+
+def _describe_change(change: admin_pb2.CatalogChange) -> str:
+    """One line for a CatalogChange message: catalog, outcome, versions, counts, seconds."""
+    outcome = _OUTCOME_NAMES.get(change.outcome, f"outcome {change.outcome}")
+    if outcome == "failed":
+        return (
+            f"{change.catalog}: failed, version {change.version} still served "
+            f"({change.seconds:.2f} s): {change.error}"
+        )
+    if outcome == "unchanged":
+        return (
+            f"{change.catalog}: unchanged, version {change.version} ({change.item_count:,} items)"
+        )
+    counts = (
+        f"{change.upserted:,} upserted, {change.deleted:,} deleted, "
+        if outcome == "updated"
+        else ""
+    )
+    return (
+        f"{change.catalog}: {outcome}, version {change.previous_version} -> {change.version} "
+        f"({counts}{change.item_count:,} items, {change.chunks_rewritten} of "
+        f"{change.chunk_count} chunks encoded, {change.seconds:.2f} s)"
+    )
+
+
+def cmd_admin_reload(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Have the server re-read its catalog files; one line per catalog; 1 if any failed."""
+    metadata = (("authorization", f"Bearer {_admin_token(args.admin_token_file)}"),)
+    with _admin_channel(args) as channel, _admin_errors(args.server):
+        reply = admin_pb2_grpc.CatalogAdminServiceStub(channel).ReloadCatalogs(
+            admin_pb2.ReloadCatalogsRequest(), timeout=args.timeout, metadata=metadata
+        )
+    for change in reply.changes:
+        print(_describe_change(change))
+    failed = [c for c in reply.changes if c.outcome == admin_pb2.CATALOG_CHANGE_OUTCOME_FAILED]
+    return EXIT_FAILED if failed else 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Non-blank lines, stripped (a file of ids, one a line)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def update_batches(
+    catalog: str,
+    upserts: Catalog | None,
+    delete_ids: Sequence[str],
+    max_message_bytes: int,
+    max_items: int,
+) -> list[admin_pb2.UpdateItemsRequest]:
+    """The UpdateItemsRequests of one change: the deletes first, then the upserts, each
+    request holding at most `max_items` of them and staying `_MESSAGE_MARGIN_BYTES`
+    under `max_message_bytes`. Their if_version is the caller's business."""
+    budget = max_message_bytes - _MESSAGE_MARGIN_BYTES
+    requests = [admin_pb2.UpdateItemsRequest(catalog=catalog)]
+    size, count = requests[0].ByteSize(), 0
+
+    def room(item_bytes: int) -> admin_pb2.UpdateItemsRequest:
+        nonlocal size, count
+        item_bytes += 8  # the field's tag and length
+        if count and (size + item_bytes > budget or count >= max_items):
+            requests.append(admin_pb2.UpdateItemsRequest(catalog=catalog))
+            size, count = requests[-1].ByteSize(), 0
+        size, count = size + item_bytes, count + 1
+        return requests[-1]
+
+    for item_id in delete_ids:
+        room(len(item_id.encode())).delete_ids.append(item_id)
+    if upserts is not None:
+        popularity = upserts.popularity
+        for row, item_id in enumerate(upserts.ids):
+            item = admin_pb2.Item(id=item_id, embedding=upserts.embeddings[row].tolist())
+            if popularity is not None:
+                item.popularity = popularity[row]
+            room(item.ByteSize()).upserts.append(item)
+    return requests
+
+
+def cmd_admin_update(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Upsert and delete items of one catalog; one line per UpdateItems call."""
+    deletes = list(args.delete or ())
+    if args.delete_file is not None:
+        deletes += _read_lines(args.delete_file)
+    if args.upsert is None and not deletes:
+        raise config.ConfigError("nothing to change: give --upsert FILE, --delete or --delete-file")
+    if args.ids is not None and args.upsert is None:
+        raise config.ConfigError("--ids names the ids of an --upsert .npy file")
+    # the same loader and checks as the server's catalog files (ids, finite, norm <= 1)
+    upserts = None if args.upsert is None else load_catalog(args.catalog, args.upsert, args.ids)
+    token = _admin_token(args.admin_token_file)
+    requests = update_batches(
+        args.catalog,
+        upserts,
+        deletes,
+        args.max_message_bytes,
+        MAX_UPDATE_ITEMS,
+    )
+    version = args.if_version or ""
+    with _admin_channel(args) as channel:
+        stub = admin_pb2_grpc.CatalogAdminServiceStub(channel)
+        for number, request in enumerate(requests, 1):
+            # each call after the first is made against the version the one before made:
+            # a writer changing the catalog in between stops the rest (FAILED_PRECONDITION)
+            request.if_version = version
+            try:
+                with _admin_errors(args.server):
+                    reply = stub.UpdateItems(
+                        request,
+                        timeout=args.timeout,
+                        metadata=(("authorization", f"Bearer {token}"),),
+                    )
+            except CommandError as exc:
+                if number > 1:
+                    exc.args = (
+                        f"{exc} (call {number} of {len(requests)}; the {number - 1} before it "
+                        f"were applied: version {version} serves)",
+                    )
+                raise
+            version = reply.change.version
+            prefix = f"[{number}/{len(requests)}] " if len(requests) > 1 else ""
+            print(prefix + _describe_change(reply.change), flush=True)
+    return 0
+
+
 Handler = Callable[[argparse.Namespace, config.Settings], int]
 
 
@@ -587,7 +824,120 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the statement message as JSON"
     )
     _add_tls_arguments(statement)
+    _add_admin_commands(commands)
     return parser
+
+
+def _add_admin_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    admin = commands.add_parser(
+        "admin",
+        help="change a running server's catalogs (its catalog admin service)",
+        description=(
+            "Call a running server's catalog admin service (heserve.admin.v1), which it "
+            "serves only when started with admin tokens (--admin-tokens-file or "
+            "HESERVE_ADMIN_TOKENS). Each call carries an admin token: --admin-token-file, "
+            "else the HESERVE_ADMIN_TOKEN variable."
+        ),
+        epilog=_EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    verbs = admin.add_subparsers(dest="admin_command", required=True)
+    reload = _command(
+        verbs,
+        "reload",
+        cmd_admin_reload,
+        config.RECOMMEND,
+        "have the server read its catalog files again",
+    )
+    reload.description = (
+        "Have the server read the catalog files it was started with again, as SIGHUP "
+        "does, and print one line per catalog: replaced (with the versions, chunks "
+        "encoded and seconds), unchanged, or failed (with why; the served version "
+        "stays). Exit status 1 if any catalog failed. The call returns when every "
+        "catalog is done."
+    )
+    _add_admin_connection(reload)
+
+    update = _command(
+        verbs,
+        "update",
+        cmd_admin_update,
+        config.RECOMMEND,
+        "upsert and delete items of a served catalog",
+    )
+    update.description = (
+        "Upsert and delete items of a served catalog by id: the server re-encodes only "
+        "the chunks the items fall in and serves a new version. The upserts come from a "
+        "file in a catalog's formats (.npz with embeddings and ids, and popularity if the "
+        "catalog publishes it; .parquet; .npy with --ids), checked here as the server "
+        "checks catalog files. A change larger than one message (--max-message-bytes) "
+        "or than 65,536 items is sent in several calls, the deletes first, each made "
+        "against the version the call before it served (so a concurrent writer stops "
+        "it rather than being overwritten); if one fails, those before it stay applied, "
+        "and the error says which version serves. One line per call."
+    )
+    _add_admin_connection(update)
+    update.add_argument("--catalog", required=True, metavar="NAME", help="catalog to change")
+    update.add_argument(
+        "--upsert",
+        type=Path,
+        metavar="FILE",
+        help="items to write: .npz (embeddings, ids[, popularity]), .parquet (id, "
+        "embedding[, popularity] columns; FILE#id:embedding[:popularity] names others) "
+        "or .npy (with --ids); an id the catalog has is replaced, a new one is added",
+    )
+    update.add_argument(
+        "--ids", type=Path, metavar="FILE", help="ids of an --upsert .npy file, one a line"
+    )
+    update.add_argument(
+        "--delete", action="append", metavar="ID", help="id of an item to remove; repeatable"
+    )
+    update.add_argument(
+        "--delete-file", type=Path, metavar="FILE", help="ids of items to remove, one a line"
+    )
+    update.add_argument(
+        "--if-version",
+        metavar="VERSION",
+        help="change only if the catalog is at this version (see ListCatalogs); else "
+        "nothing changes and the command fails",
+    )
+    update.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=SizeLimits().max_message_bytes,
+        metavar="N",
+        help="the server's message limit (its --max-message-bytes; default: %(default)s): "
+        "larger changes are sent in several calls",
+    )
+
+
+def _add_admin_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        "--target",
+        dest="server",
+        required=True,
+        metavar="HOST:PORT",
+        help="address of the heserve server",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the admin token (its first entry; default: the "
+        "HESERVE_ADMIN_TOKEN variable)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=_ADMIN_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="seconds to wait for the server's answer (default: %(default)g)",
+    )
+    _add_tls_arguments(parser)
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ is derived from them: the flag `--max-keys 10`, the environment variable
 `HESERVE_MAX_KEYS=10`, the config file key `max-keys = 10` (or `max_keys`), the line in
 `--help`, the conversion and the range check. A flag beats the environment, which
 beats the config file (`--config heserve.toml` or HESERVE_CONFIG, `serve` only), which
-beats the default. `tokens` has no flag, so that no API token shows in a process
-listing. Relative paths in the config file are relative to it.
+beats the default. `tokens` and `admin-tokens` have no flag, so that no token shows
+in a process listing. Relative paths in the config file are relative to it.
 
 Every setting is checked when it is resolved, before anything starts, and a bad one is
 one line naming where it came from: numbers must be finite, in range, and not a nonzero
@@ -14,7 +14,7 @@ written value that parses to zero or to a denormal (`1e-400` would silently turn
 protection off); bounds follow the fields that carry a setting on the wire (key-ttl is
 a uint32); a config file may not set one key twice (`query-budget` and `query_budget`);
 addresses may not be empty. An error shows the offending value, truncated, unless the
-setting holds secrets (`tokens`): then only its type.
+setting holds secrets (`tokens`, `admin-tokens`): then only its type.
 
 Each command takes some of the settings (an `OptionSet`): `serve` all of them, `demo`
 the engine's and the logs', `recommend` the logs'. What a command does not take stays
@@ -331,6 +331,24 @@ class Settings:
         default=None,
         metadata=option(
             "API tokens as in --tokens-file, comma-separated; added to the file's",
+            flag=False,
+            secret=True,
+        ),
+    )
+    admin_tokens_file: Path | None = field(
+        default=None,
+        metadata=option(
+            "admin tokens, as in --tokens-file: serve the catalog admin service "
+            "(heserve.admin.v1: reload catalogs, upsert and delete items) to callers "
+            "sending 'authorization: Bearer ADMIN_TOKEN'; without admin tokens it is not "
+            "served. An admin token may not also be an API token",
+            metavar="PATH",
+        ),
+    )
+    admin_tokens: Entries | None = field(
+        default=None,
+        metadata=option(
+            "admin tokens as in --admin-tokens-file, comma-separated; added to the file's",
             flag=False,
             secret=True,
         ),
@@ -712,12 +730,13 @@ class OptionSet:
         hidden = [option for option in self.options if not option.flag]
         if hidden:
             lines += ["", "Settings without a flag (so that they never show in a process listing):"]
+            width = max(8, *(len(option.name) for option in hidden))
             for option in hidden:
                 where = f"[env {option.env}"
                 where += (
                     f'; config file: {option.name} = "..." or a list' if self.config_file else ""
                 )
-                lines += [f"  {option.name:<8} {option.help}", f"  {'':<8} {where}]"]
+                lines += [f"  {option.name:<{width}} {option.help}", f"  {'':<{width}} {where}]"]
         if self.config_file:
             lines += ["", "Example heserve.toml:", *(f"  {line}" for line in EXAMPLE.splitlines())]
         return "\n".join(lines) + "\n"

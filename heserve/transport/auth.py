@@ -128,10 +128,16 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class Authenticator:
-    """Maps bearer tokens to callers."""
+ADMIN_PREFIX = "admin:"
+"""What the names of admin callers begin with (`admin:NAME`). A token's own name holds no
+':', so no API token's caller can be taken for an admin one."""
 
-    def __init__(self, entries: Iterable[tuple[str, str]]) -> None:
+
+class Authenticator:
+    """Maps bearer tokens to callers; with `prefix`, each caller's name begins with it
+    (the admin tokens' callers are `admin:NAME`)."""
+
+    def __init__(self, entries: Iterable[tuple[str, str]], *, prefix: str = "") -> None:
         self._callers: dict[bytes, Caller] = {}
         tags: dict[str, str] = {}
         for name, token in entries:
@@ -141,13 +147,21 @@ class Authenticator:
             tag = owner_tag(name)
             if tags.setdefault(tag, name) != name:
                 raise TokenError(f"callers {tags[tag]} and {name} would share key ids; rename one")
-            self._callers[digest] = Caller(name, tag)
+            self._callers[digest] = Caller(prefix + name, tag)
         if not self._callers:
             raise TokenError("no tokens configured")
 
     @classmethod
-    def load(cls, tokens_file: Path | None, tokens: str | None) -> Authenticator | None:
-        """Tokens from a file and/or a setting; None when neither is given (no authentication)."""
+    def load(
+        cls,
+        tokens_file: Path | None,
+        tokens: str | None,
+        *,
+        setting: str = "HESERVE_TOKENS",
+        prefix: str = "",
+    ) -> Authenticator | None:
+        """Tokens from a file and/or a setting (named `setting` in errors); None when
+        neither is given (no authentication)."""
         entries: list[tuple[str, str]] = []
         if tokens_file is not None:
             try:
@@ -156,10 +170,25 @@ class Authenticator:
                 raise TokenError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
             entries += parse_tokens(text, str(tokens_file))
         if tokens:
-            entries += parse_tokens(tokens, "HESERVE_TOKENS", commas=True)
+            entries += parse_tokens(tokens, setting, commas=True)
         if tokens_file is None and not tokens:
             return None
-        return cls(entries)
+        return cls(entries, prefix=prefix)
+
+    def shared_with(self, other: Authenticator) -> list[str]:
+        """Names (here) of the callers whose token `other` also knows: an admin token that
+        is also an API token would be a write capability handed to a client."""
+        return sorted(
+            caller.name for digest, caller in self._callers.items() if digest in other._callers
+        )
+
+    def either(self, other: Authenticator) -> Authenticator:
+        """An authenticator that knows the tokens of both (their tokens must be distinct):
+        for call admission, which counts a call against its caller whichever service it
+        calls; never for deciding what a caller may call."""
+        both = object.__new__(Authenticator)
+        both._callers = {**self._callers, **other._callers}
+        return both
 
     def __len__(self) -> int:
         return len(self._callers)

@@ -7,6 +7,8 @@
   caller and message sizes (never the messages).
 - `MetricsInterceptor`: counts, latency, bytes and status codes (heserve.transport.metrics).
 - `MetadataLimitInterceptor`: more than `MAX_METADATA_BYTES` of metadata, RESOURCE_EXHAUSTED.
+- `AdminAuthenticationInterceptor`: a call of the admin service (heserve.admin.v1)
+  without a known admin token, UNAUTHENTICATED; only when admin tokens are configured.
 - `AuthenticationInterceptor`: who is calling; no known token, UNAUTHENTICATED.
 - `QueryBudgetInterceptor`: a caller past their Score budget, RESOURCE_EXHAUSTED.
 
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from heserve.protocol.reasons import KEY_NOT_FOUND
-from heserve.transport.auth import ANONYMOUS, Authenticator, QueryBudget
+from heserve.transport.auth import ADMIN_PREFIX, ANONYMOUS, Authenticator, QueryBudget
 from heserve.transport.context import (
     REQUEST_ID_KEY,
     CallInfo,
@@ -47,6 +49,8 @@ from heserve.v1 import scoring_pb2 as pb
 log = logging.getLogger("heserve.access")
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+ADMIN_METHOD_PREFIX = "/heserve.admin.v1."
+"""Every method of the admin package: refused without an admin token."""
 SCORE_METHOD = "/heserve.v1.ScoringService/Score"
 MAX_METADATA_BYTES = 16 << 10
 """The most request metadata a call may carry, counted as HTTP/2 does (name, value and
@@ -73,6 +77,11 @@ def split_method(method: str) -> tuple[str, str]:
 def is_open(method: str) -> bool:
     """Whether `method` is served without a token (health checks)."""
     return method.startswith(OPEN_METHOD_PREFIXES)
+
+
+def is_admin(method: str) -> bool:
+    """Whether `method` is one of the admin service's (heserve.admin.v1): admin tokens only."""
+    return method.startswith(ADMIN_METHOD_PREFIX)
 
 
 def _size(message: Any) -> int:
@@ -436,9 +445,45 @@ class MetadataLimitInterceptor(ServerInterceptor):
         )
 
 
+def _is_admin_caller() -> bool:
+    """Whether this call was made with an admin token (its caller is `admin:NAME`)."""
+    info = current_call()
+    caller = None if info is None else info.caller
+    return caller is not None and caller.name.startswith(ADMIN_PREFIX)
+
+
+class AdminAuthenticationInterceptor(_ServedMethodInterceptor):
+    """Binds the caller of an admin token to a call of the admin service
+    (heserve.admin.v1); refuses one without a known admin token with UNAUTHENTICATED,
+    before its request is read. An API token is no admin token: it is refused here.
+    Calls of other services it leaves to `AuthenticationInterceptor`."""
+
+    MESSAGE = (
+        "missing or unknown admin token: the admin service needs metadata "
+        "'authorization: Bearer <admin token>' (an API token does not open it)"
+    )
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        if is_admin(handler_call_details.method):
+            bind_caller(self.authenticator.authenticate(_metadata(handler_call_details)))
+        return super().intercept_service(continuation, handler_call_details)
+
+    def intercept(self, handler: Handler, method: str) -> Handler:
+        if not is_admin(method) or _is_admin_caller():
+            return handler
+        return refusal(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+
+
 class AuthenticationInterceptor(_ServedMethodInterceptor):
     """Binds the caller of a token (`authorization: Bearer ...`) to the call; refuses a
-    call without a known one with UNAUTHENTICATED. Health checks need no token."""
+    call without a known one with UNAUTHENTICATED. Health checks need no token. A call
+    of the admin service is `AdminAuthenticationInterceptor`'s (which runs first): it
+    passes here only with the admin caller that one bound."""
 
     MESSAGE = "missing or unknown API token: send metadata 'authorization: Bearer <token>'"
 
@@ -449,14 +494,19 @@ class AuthenticationInterceptor(_ServedMethodInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         method: str = handler_call_details.method
-        metadata = _metadata(handler_call_details)
-        # Bound before the interceptors within run: the budget charges this caller.
-        bind_caller(ANONYMOUS if is_open(method) else self.authenticator.authenticate(metadata))
+        if not is_admin(method):  # an admin call keeps the admin caller bound before
+            metadata = _metadata(handler_call_details)
+            # Bound before the interceptors within run: the budget charges this caller.
+            bind_caller(ANONYMOUS if is_open(method) else self.authenticator.authenticate(metadata))
         return super().intercept_service(continuation, handler_call_details)
 
     def intercept(self, handler: Handler, method: str) -> Handler:
         info = current_call()
-        if info is not None and info.caller is not None:
+        if is_admin(method):
+            known = _is_admin_caller()
+        else:
+            known = info is not None and info.caller is not None
+        if known:
             return handler
         return refusal(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
 

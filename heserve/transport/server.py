@@ -2,6 +2,11 @@
 per-call policy (request ids, access log, metrics, tokens, budgets; see `interceptors`),
 bounded concurrency, message and metadata sizes, grpcio's own log records kept free
 of request data, and a graceful shutdown on SIGTERM/SIGINT.
+
+With admin tokens (`AdminConfig`), the same server also serves the CatalogAdminService
+(heserve.admin.v1, see heserve.transport.admin) behind its own token check; without
+them it is not served at all (UNIMPLEMENTED, and absent from reflection). SIGHUP and
+the admin ReloadCatalogs call run one reload at a time between them (`OneAtATime`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +30,18 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from heserve.domain.scorer import Scorer
+from heserve.admin.v1 import admin_pb2_grpc as admin_grpc
+from heserve.domain.scorer import CatalogChange, Scorer
 from heserve.domain.statement import Deployment
 from heserve.protocol import privacy
 from heserve.protocol.pem import read_pem
-from heserve.transport.auth import Authenticator, QueryBudget
+from heserve.transport.admin import ADMIN_SERVICE_NAME, CatalogAdminServicer
+from heserve.transport.auth import Authenticator, QueryBudget, TokenError
 from heserve.transport.bridge import CallAdmission, CallLimits, SyncBridge
 from heserve.transport.interceptors import (
     MAX_METADATA_BYTES,
     AccessLogInterceptor,
+    AdminAuthenticationInterceptor,
     AuthenticationInterceptor,
     MetadataLimitInterceptor,
     MetricsInterceptor,
@@ -116,10 +124,37 @@ class TlsConfig:
         )
 
 
+Reload = Callable[[], Sequence[CatalogChange]]
+"""Re-read the catalog sources named at start-up; one CatalogChange per catalog."""
+
+
+class OneAtATime:
+    """A reload that runs one at a time, whoever asks (SIGHUP, the admin call): a second
+    request waits for the running one, then runs (it may find newer files)."""
+
+    def __init__(self, reload: Reload) -> None:
+        self._reload = reload
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Sequence[CatalogChange]:
+        with self._lock:
+            return self._reload()
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """What the admin service needs: who may call it, and how to reload (None: the
+    server was started without catalog files, so ReloadCatalogs has nothing to read)."""
+
+    authenticator: Authenticator
+    reload: OneAtATime | None = None
+
+
 def interceptors(
     metrics: Metrics,
     authenticator: Authenticator | None = None,
     query_budget: QueryBudget | None = None,
+    admin_authenticator: Authenticator | None = None,
 ) -> list[ServerInterceptor]:
     """The per-call policy, outermost first (gRPC runs the first interceptor first).
 
@@ -128,7 +163,9 @@ def interceptors(
     2. Access log and 3. metrics: outside the refusals, so a refused call is still
        logged and counted with its status.
     4. Metadata size: an oversized call is refused before anything reads its metadata.
-    5. Authentication, then 6. the query budget: the budget charges the caller the
+    5. Admin authentication (with admin tokens): a call of the admin service without
+       an admin token is refused; it binds the admin caller the next one checks for.
+    6. Authentication, then 7. the query budget: the budget charges the caller the
        authentication found, and a call without a known token charges nobody.
     All refuse in the dispatch thread, before the request is read.
     """
@@ -138,6 +175,8 @@ def interceptors(
         MetricsInterceptor(metrics),
         MetadataLimitInterceptor(),
     ]
+    if admin_authenticator is not None:
+        chain.append(AdminAuthenticationInterceptor(admin_authenticator))
     if authenticator is not None:
         chain.append(AuthenticationInterceptor(authenticator))
     if query_budget is not None:
@@ -220,6 +259,7 @@ def start_server(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     call_limits: CallLimits | None = None,
+    admin: AdminConfig | None = None,
 ) -> RunningServer:
     """Bind and start a server for `scorer`; port 0 picks a free port.
 
@@ -228,15 +268,21 @@ def start_server(
     once (health checks included); gRPC refuses the next with RESOURCE_EXHAUSTED.
     `call_limits` bounds what one caller may hold and how long an upload or an unread
     response may wait (see CallLimits). `metrics_port` serves Prometheus metrics on
-    metrics_host (0: a free port; None: not served).
+    metrics_host (0: a free port; None: not served). `admin` serves the admin service
+    (heserve.admin.v1) to its tokens' holders; an admin token that is also an API token
+    is refused (TokenError).
     """
+    if admin is not None and authenticator is not None:
+        refuse_shared_tokens(authenticator, admin.authenticator)
     size = scorer.limits.max_message_bytes
     limits = call_limits or CallLimits()
     redact_grpc_logs()
     metrics = Metrics(scorer, max_concurrent_rpcs)
     executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="heserve")
     bridge = SyncBridge(
-        interceptors(metrics, authenticator, query_budget),
+        interceptors(
+            metrics, authenticator, query_budget, None if admin is None else admin.authenticator
+        ),
         executor,
         limits,
         metrics,
@@ -256,7 +302,22 @@ def start_server(
     )
     servicer = ScoringServicer(scorer, deployment)
     pb_grpc.add_ScoringServiceServicer_to_server(servicer, bridge)
-    admission = CallAdmission(limits, authenticator)
+    services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if admin is not None:
+        admin_grpc.add_CatalogAdminServiceServicer_to_server(
+            CatalogAdminServicer(scorer, admin.reload), bridge
+        )
+        services.append(ADMIN_SERVICE_NAME)
+    # Admission counts an admin's calls against the admin's share, as a client's
+    # against the client's (which token opens which service is the chain's business).
+    admission = CallAdmission(
+        limits,
+        authenticator
+        if admin is None
+        else admin.authenticator
+        if authenticator is None
+        else authenticator.either(admin.authenticator),
+    )
     health_servicer = health_async.HealthServicer()
     loop = _LoopThread()
 
@@ -279,9 +340,7 @@ def start_server(
         )
         server.add_generic_rpc_handlers((bridge,))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection(services, server)
         address = f"{host}:{port}"
         try:
             bound = (
@@ -313,6 +372,7 @@ def start_server(
             "fields": {
                 "tls": "off" if tls is None else "mutual" if tls.client_ca else "on",
                 "tokens": len(authenticator) if authenticator else 0,
+                "admin_tokens": len(admin.authenticator) if admin else 0,
                 "query_budget": query_budget.limit if query_budget else 0,
                 "max_concurrent_rpcs": max_concurrent_rpcs or 0,
                 "max_message_bytes": size,
@@ -326,15 +386,26 @@ def start_server(
     )
 
 
+def refuse_shared_tokens(api: Authenticator, admin: Authenticator) -> None:
+    """Refuse an admin token that is also an API token: every client holding it could
+    change the catalogs."""
+    shared = admin.shared_with(api)
+    if shared:
+        raise TokenError(
+            f"admin token(s) of {', '.join(shared)} are also API tokens: an admin token is a "
+            "write capability over the catalogs and must not be a client's; make new ones"
+        )
+
+
 def serve_until_signalled(
     running: RunningServer,
     grace: float = 5.0,
-    on_reload: Callable[[], None] | None = None,
+    on_reload: OneAtATime | None = None,
 ) -> None:
     """Block until SIGTERM or SIGINT, then shut down gracefully. With `on_reload`, each
-    SIGHUP runs it in a thread of its own (one at a time), while the server serves."""
+    SIGHUP runs it in a thread of its own, while the server serves; it is the same
+    `OneAtATime` the admin service reloads with, so one reload runs at a time."""
     stop = threading.Event()
-    reloading = threading.Lock()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received signal %d, shutting down", signum)
@@ -342,8 +413,7 @@ def serve_until_signalled(
 
     def reload() -> None:
         assert on_reload is not None
-        with reloading:
-            on_reload()
+        on_reload()
 
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         log.info("received SIGHUP: reloading the catalogs")

@@ -72,11 +72,12 @@ class CatalogAdminServiceServicer:
         only the chunks of the catalog the changed items fall in, and serves the
         result under a new version. Errors, and nothing is changed:
         - NOT_FOUND: no such catalog, or a delete_ids entry the catalog lacks;
-        - INVALID_ARGUMENT: an embedding whose length is not the catalog's
-        dimension, a non-finite value, a row of norm above 1, an empty, repeated
-        or too long id (see Item.id), an id both upserted and deleted, deleting
-        every item, popularity set on some upserts and not others, or not set
-        when the catalog publishes popularity (or set when it does not);
+        - INVALID_ARGUMENT: neither upserts nor delete_ids, an embedding whose
+        length is not the catalog's dimension, a non-finite value, a row of
+        norm above 64, an empty, repeated or too long id (see Item.id), an id
+        both upserted and deleted, deleting every item, popularity set on some
+        upserts and not others, or not set when the catalog publishes
+        popularity (or set when it does not);
         - RESOURCE_EXHAUSTED: more upserts and deletes together than the server's
         limit (65,536 by default), or a message above the server's
         max_message_bytes (4 MiB by default; heserve.v1 SizeLimits): split the

@@ -1,0 +1,123 @@
+"""gRPC transport of the CatalogAdminService (heserve.admin.v1): the operator's write path.
+
+Like heserve.transport.servicer, this layer only translates: an UpdateItems request to
+`Scorer.update_items`, a ReloadCatalogs call to the server's reload (the one SIGHUP
+runs), each `CatalogChange` to its message, and `ServiceError`s to statuses (the same
+decorator as the ScoringService's). Before it allocates the rows it bounds what the
+message holds: the number of items, each id's length, each embedding's length (the
+catalog's dimension). Who may call it is decided before the request is read
+(heserve.transport.interceptors.AdminAuthenticationInterceptor); the servicer checks
+again that the caller is an admin, so that it is never served to anyone else even if
+it were registered without that interceptor. Each change is logged by the domain
+(one line: catalog, outcome, versions, counts, seconds; never ids nor embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+
+import grpc
+import numpy as np
+
+from heserve.admin.v1 import admin_pb2 as admin_pb
+from heserve.admin.v1 import admin_pb2_grpc as admin_grpc
+from heserve.domain.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from heserve.domain.scorer import CatalogChange, Scorer
+from heserve.transport.auth import ADMIN_PREFIX, UnauthenticatedError
+from heserve.transport.context import current_caller
+from heserve.transport.servicer import _abort_on_service_error
+
+ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["CatalogAdminService"].full_name
+_OUTCOMES = {
+    "updated": admin_pb.CATALOG_CHANGE_OUTCOME_UPDATED,
+    "replaced": admin_pb.CATALOG_CHANGE_OUTCOME_REPLACED,
+    "unchanged": admin_pb.CATALOG_CHANGE_OUTCOME_UNCHANGED,
+    "failed": admin_pb.CATALOG_CHANGE_OUTCOME_FAILED,
+}
+
+
+def change_to_message(change: CatalogChange) -> admin_pb.CatalogChange:
+    """A CatalogChange as the admin service answers it: every field by its name, the
+    outcome as its enum value."""
+    values = {field.name: getattr(change, field.name) for field in fields(change)}
+    outcome = _OUTCOMES.get(values.pop("outcome"), admin_pb.CATALOG_CHANGE_OUTCOME_UNSPECIFIED)
+    return admin_pb.CatalogChange(outcome=outcome, **values)
+
+
+def _check_admin() -> None:
+    """Refuse a caller that is not an admin (the interceptor already has: never act for one)."""
+    if not current_caller().name.startswith(ADMIN_PREFIX):
+        raise UnauthenticatedError("the admin service needs an admin token")
+
+
+class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ignore[misc]  # untyped stub
+    """The heserve.admin.v1.CatalogAdminService over a Scorer; `reload` re-reads the
+    catalog sources named at start-up (None: there are none)."""
+
+    def __init__(
+        self, scorer: Scorer, reload: Callable[[], Sequence[CatalogChange]] | None
+    ) -> None:
+        self._scorer = scorer
+        self._reload = reload
+
+    @_abort_on_service_error
+    def ReloadCatalogs(
+        self, request: admin_pb.ReloadCatalogsRequest, context: grpc.ServicerContext
+    ) -> admin_pb.ReloadCatalogsResponse:
+        _check_admin()
+        if self._reload is None:
+            raise FailedPreconditionError(
+                "this server was started without catalog files (it serves the demo "
+                "catalog): there is nothing to read again"
+            )
+        return admin_pb.ReloadCatalogsResponse(
+            changes=[change_to_message(change) for change in self._reload()]
+        )
+
+    @_abort_on_service_error
+    def UpdateItems(
+        self, request: admin_pb.UpdateItemsRequest, context: grpc.ServicerContext
+    ) -> admin_pb.UpdateItemsResponse:
+        _check_admin()
+        scorer, limits = self._scorer, self._scorer.limits
+        named = len(request.upserts) + len(request.delete_ids)
+        if named > scorer.max_update_items:
+            raise ResourceExhaustedError(
+                f"{named} items exceed the limit of {scorer.max_update_items} per update; "
+                "send them in several"
+            )
+        if named == 0:
+            raise InvalidArgumentError("neither upserts nor delete_ids: nothing to change")
+        dimension = scorer.catalog(request.catalog).catalog.dimension
+        for position, item in enumerate(request.upserts):
+            scorer.bounded(f"upserts[{position}].id", item.id, limits.max_item_id_chars)
+            if len(item.embedding) != dimension:
+                raise InvalidArgumentError(
+                    f"upserts[{position}].embedding has {len(item.embedding)} values; catalog "
+                    f"{request.catalog!r} has dimension {dimension}"
+                )
+        for position, item_id in enumerate(request.delete_ids):
+            scorer.bounded(f"delete_ids[{position}]", item_id, limits.max_item_id_chars)
+        with_popularity = sum(item.HasField("popularity") for item in request.upserts)
+        if 0 < with_popularity < len(request.upserts):
+            raise InvalidArgumentError(
+                f"popularity is set on {with_popularity} of {len(request.upserts)} upserts: "
+                "set it on all of them or on none"
+            )
+        rows = np.empty((len(request.upserts), dimension), dtype=np.float32)
+        for row, item in zip(rows, request.upserts, strict=True):
+            row[:] = item.embedding
+        change = scorer.update_items(
+            request.catalog,
+            [item.id for item in request.upserts],
+            rows,
+            list(request.delete_ids),
+            popularity=[item.popularity for item in request.upserts] if with_popularity else None,
+            if_version=request.if_version,
+        )
+        return admin_pb.UpdateItemsResponse(change=change_to_message(change))
