@@ -625,6 +625,11 @@ def update_batches(
     request holding at most `max_items` of them and staying `_MESSAGE_MARGIN_BYTES`
     under `max_message_bytes`. Their if_version is the caller's business."""
     budget = max_message_bytes - _MESSAGE_MARGIN_BYTES
+    if budget <= 0:
+        raise config.ConfigError(
+            f"--max-message-bytes: must be above {_MESSAGE_MARGIN_BYTES} (a server's is at least "
+            f"{config.MIN_MESSAGE_BYTES})"
+        )
     requests = [admin_pb2.UpdateItemsRequest(catalog=catalog)]
     size, count = requests[0].ByteSize(), 0
 
@@ -904,14 +909,6 @@ def _add_admin_commands(
         help="change only if the catalog is at this version (see ListCatalogs); else "
         "nothing changes and the command fails",
     )
-    update.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=SizeLimits().max_message_bytes,
-        metavar="N",
-        help="the server's message limit (its --max-message-bytes; default: %(default)s): "
-        "larger changes are sent in several calls",
-    )
 
 
 def _add_admin_connection(parser: argparse.ArgumentParser) -> None:
@@ -929,6 +926,14 @@ def _add_admin_connection(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="file holding the admin token (its first entry; default: the "
         "HESERVE_ADMIN_TOKEN variable)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=SizeLimits().max_message_bytes,
+        metavar="N",
+        help="the server's message limit (its --max-message-bytes; default: %(default)s): "
+        "an update larger than one message is sent in several calls",
     )
     parser.add_argument(
         "--timeout",
