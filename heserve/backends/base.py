@@ -12,7 +12,7 @@ in-process one uses), so neither is parsed twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -66,6 +66,18 @@ class ScoreCall:
     backend waiting for a shard being replaced gives up then, not minutes later."""
 
 
+def shard_changes(
+    shard: int, shard_count: int, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+) -> tuple[int, Mapping[int, RowArray]]:
+    """A shard's part of `update_catalog`: how many chunks it holds of the new version,
+    and the new rows of its rewritten ones by their position in the shard."""
+    total = plan.chunk_count(len(embeddings))
+    count = len(shard_chunks(shard, shard_count, total))
+    mine = [c for c in chunks if c % shard_count == shard and c < total]
+    rows = plan.chunk_rows(embeddings, mine)
+    return count, {c // shard_count: part for c, part in zip(mine, rows, strict=True)}
+
+
 def shard_chunks(shard: int, shard_count: int, chunk_count: int) -> list[int]:
     """The chunks of shard `shard`: c with c ≡ shard (mod shard_count), round robin.
 
@@ -99,6 +111,14 @@ class ShardBudget:
         self._charged[name] = self._charged.get(name, 0) + charge
         return left
 
+    def inherit(self, name: str, base: str) -> None:
+        """Charge `name`, a version made from `base` (update_catalog), what `base` was
+        charged: while both are held, the budget counts the shared chunks twice, which
+        errs on the side of memory."""
+        charge = self._charged.get(base, 0)
+        self._spent += charge
+        self._charged[name] = self._charged.get(name, 0) + charge
+
     def release(self, name: str) -> None:
         """Give back what catalog `name` was charged (it was removed)."""
         self._spent -= self._charged.pop(name, 0)
@@ -118,6 +138,13 @@ class Backend(Protocol):
         self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
     ) -> None:
         """Encode and keep a catalog's chunks."""
+
+    def update_catalog(
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+    ) -> None:
+        """Keep catalog `name` (rows `embeddings`, under `base`'s `plan`), which differs
+        from the held catalog `base` only in the chunks at catalog-wide indices `chunks`:
+        those are encoded, every other one is shared with `base`, not copied."""
 
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         """Per chunk, in catalog order: one serialized score ciphertext per query."""

@@ -7,9 +7,9 @@ with the loaded keys of the Scorer's key store, so nothing is parsed twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from heserve.backends.base import ScoreCall, ShardBudget
+from heserve.backends.base import ScoreCall, ShardBudget, shard_changes
 from heserve.backends.shard import Shard
 from heserve.he.engine import Engine, Progress
 from heserve.he.plan import DiagonalPlan
@@ -33,6 +33,13 @@ class LocalBackend:
         rows = plan.chunk_rows(embeddings)
         budget = self._budget.take(self.engine.params, plan, len(rows), name)
         self._shard.load_catalog(name, plan, rows, budget, progress)
+
+    def update_catalog(
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+    ) -> None:
+        count, changed = shard_changes(0, 1, plan, embeddings, chunks)
+        self._shard.derive_catalog(name, base, count, changed)
+        self._budget.inherit(name, base)
 
     def remove_catalog(self, name: str) -> None:
         self._shard.remove_catalog(name)

@@ -26,7 +26,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -35,6 +35,7 @@ from heserve.backends.base import (
     ShardBudget,
     ShardFaultError,
     ShardUnavailableError,
+    shard_changes,
     shard_chunks,
 )
 from heserve.backends.pool_worker import (
@@ -42,6 +43,7 @@ from heserve.backends.pool_worker import (
     CancelledRing,
     ChunkEncoded,
     ChunkScored,
+    DeriveShard,
     Failed,
     ForgetKeys,
     LoadShard,
@@ -217,7 +219,7 @@ class PoolBackend:
         worker = self._spawn(dead.index)
         self._workers[dead.index] = worker
         try:
-            for spec in self._catalogs.values():
+            for spec in list(self._catalogs.values()):  # a copy: an update may add one
                 self._load_shards(spec, [worker], None)
         except ShardUnavailableError:
             return  # the replacement died too; its own route thread replaces it
@@ -313,6 +315,34 @@ class PoolBackend:
         spec = _CatalogSpec(name, plan, embeddings, budget)
         self._load_shards(spec, self._workers, progress)
         self._catalogs[name] = spec
+
+    def update_catalog(
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+    ) -> None:
+        """Each worker derives its shard of `name` from its shard of `base` (one message
+        each, with only its rewritten chunks' rows); a worker replaced meanwhile
+        re-encodes its whole shard of `name` from the spec, as after any restart."""
+        base_spec = self._catalogs[base]
+        workers = self._ready_workers()
+        request_id, replies = self._open()
+        try:
+            for worker in workers:
+                count, changed = shard_changes(
+                    worker.index, self.shard_count, plan, embeddings, chunks
+                )
+                message = DeriveShard(request_id, name, base, count, tuple(changed.items()))
+                try:
+                    worker.send(message)
+                except OSError:
+                    raise ShardUnavailableError(
+                        f"worker {worker.process.name} died before the update"
+                    ) from None
+            for _ in workers:
+                self._next_reply(replies)  # Done, or the failure it raises
+        finally:
+            self._close(request_id)
+        self._budget.inherit(name, base)
+        self._catalogs[name] = _CatalogSpec(name, plan, embeddings, base_spec.budget)
 
     def _ready_workers(self, call_deadline: float | None = None) -> list[_Worker]:
         """All workers, waiting for any being replaced: at most restart_timeout, and not

@@ -50,6 +50,17 @@ class LoadShard(Message):
 
 
 @dataclass(frozen=True)
+class DeriveShard(Message):
+    """Make this worker's shard of catalog `catalog` from its shard of `base` (see
+    `Shard.derive_catalog`): `count` chunks, `changed` the new rows by position."""
+
+    catalog: str
+    base: str
+    count: int
+    changed: tuple[tuple[int, RowArray], ...]
+
+
+@dataclass(frozen=True)
 class ScoreShard(Message):
     """Score a query; `indices` are the catalog-wide chunk indices of the results."""
 
@@ -74,7 +85,7 @@ class Stop:
     pass
 
 
-ToWorker = LoadShard | ScoreShard | ForgetKeys | RemoveCatalog | Stop
+ToWorker = LoadShard | DeriveShard | ScoreShard | ForgetKeys | RemoveCatalog | Stop
 
 # --- worker → front ------------------------------------------------------------------
 
@@ -191,10 +202,17 @@ def serve_worker(
 
 
 def _serve(
-    shard: Shard, conn: Connection, message: LoadShard | ScoreShard, cancelled: CancelledRing
+    shard: Shard,
+    conn: Connection,
+    message: LoadShard | DeriveShard | ScoreShard,
+    cancelled: CancelledRing,
 ) -> None:
     """Carry out one request, sending its progress or results as they come."""
     request_id = message.request_id
+    if isinstance(message, DeriveShard):
+        shard.derive_catalog(message.catalog, message.base, message.count, dict(message.changed))
+        _return_freed_memory()
+        return
     if isinstance(message, LoadShard):
         progress = _progress_to(conn, request_id)
         shard.load_catalog(

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from heserve.backends.base import (
     ShardBudget,
     ShardFaultError,
     ShardUnavailableError,
+    shard_changes,
     shard_chunks,
 )
 from heserve.backends.shard import Shard, ShardQuery
@@ -134,6 +135,21 @@ class ShardActor:
         rows: list[RowArray] = ray.get(rows_ref[0])
         self._shard.load_catalog(catalog.name, catalog.plan, rows, catalog.budget)
         return len(rows)
+
+    def derive(
+        self,
+        catalog: _ShardCatalog,
+        rows_ref: list[Any],
+        base: str,
+        count: int,
+        changed: dict[int, RowArray],
+    ) -> None:
+        """This shard of `catalog` from its shard of `base` and the rewritten chunks; an
+        actor restarted since `base` was loaded encodes its whole shard instead."""
+        if self._shard.holds_catalog(base):
+            self._shard.derive_catalog(catalog.name, base, count, changed)
+        else:
+            self.load(catalog, rows_ref)
 
     def score(
         self, catalog: _ShardCatalog, rows_ref: list[Any], query: ShardQuery, keys_ref: list[Any]
@@ -289,6 +305,31 @@ class RayBackend:
             done += int(ray.get(finished[0]))
             if progress is not None:
                 progress(done, total)
+        self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
+
+    def update_catalog(
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+    ) -> None:
+        """Each actor derives its shard of `name` from its shard of `base`. The new
+        version's rows go to the object store whole, as a catalog's do: an actor Ray
+        restarts later rebuilds its shard from them."""
+        total = plan.chunk_count(len(embeddings))
+        shard_rows = tuple(
+            ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
+            for shard in range(self.shard_count)
+        )
+        shard = _ShardCatalog(name, plan, self._catalogs[base].shard.budget)
+        pending = []
+        for index, (actor, rows) in enumerate(zip(self._actors, shard_rows, strict=True)):
+            count, changed = shard_changes(index, self.shard_count, plan, embeddings, chunks)
+            pending.append(actor.derive.remote(shard, [rows], base, count, dict(changed)))
+        try:
+            ray.get(pending)
+        except _ACTOR_FAILURES as exc:
+            self._failed = True
+            log.warning("a Ray shard failed during a catalog update (%s)", _cause(exc))
+            raise ShardUnavailableError("a shard failed during the catalog update") from None
+        self._budget.inherit(name, base)
         self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
 
     def remove_catalog(self, name: str) -> None:

@@ -9,9 +9,10 @@ front tells it to forget them; an in-process one is handed loaded SEAL objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from heserve.backends.base import BOUNDED_OBJECT_BYTES
@@ -68,6 +69,32 @@ class Shard:
             self._catalogs[name] = (plan, chunks)
         else:
             self._catalogs[name][1].extend(chunks)
+
+    def derive_catalog(
+        self, name: str, base: str, count: int, changed: Mapping[int, RowArray]
+    ) -> None:
+        """Make catalog `name` of `count` chunks (positions in this shard) from catalog
+        `base`: the chunks at the positions in `changed` are encoded from their new rows,
+        every other one is `base`'s own object, shared and not copied, so the new version
+        costs only the chunks it rewrites. A rewritten chunk takes the form its place had
+        in `base` (encoded, or rows past the memory budget); a new place, its last one's.
+        """
+        plan, chunks = self._catalogs[base]
+        missing = [p for p in range(min(count, len(chunks)), count) if p not in changed]
+        if missing:
+            raise ValueError(f"chunks {missing} of {name!r} are neither in {base!r} nor given")
+        derived: list[Chunk] = []
+        for position in range(count):
+            rows = changed.get(position)
+            if rows is None:
+                derived.append(chunks[position])
+                continue
+            like = chunks[min(position, len(chunks) - 1)] if chunks else None
+            if isinstance(like, np.ndarray):
+                derived.append(np.ascontiguousarray(rows))
+            else:
+                derived.append(self.engine.encode_rows(plan, rows))
+        self._catalogs[name] = (plan, derived)
 
     def remove_catalog(self, name: str) -> None:
         """Drop a catalog's chunks; a query already scoring them keeps its reference."""

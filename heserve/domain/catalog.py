@@ -32,6 +32,10 @@ class CatalogError(ValueError):
     """A catalog file or array that cannot be served."""
 
 
+class UnknownItemError(CatalogError):
+    """A change names an item the catalog does not hold."""
+
+
 @dataclass(frozen=True)
 class Catalog:
     """n items × d dimensions of plaintext embeddings, with one id per item."""
@@ -57,13 +61,7 @@ class Catalog:
             raise CatalogError(
                 f"catalog {self.name!r}: embeddings contain NaN or infinity (first in row {row})"
             )
-        row, largest = _largest_row_norm(emb)
-        if largest > MAX_ROW_NORM * (1 + 2**-20):  # float32 may lift a row on the bound
-            above = _rows_above(emb, MAX_ROW_NORM * (1 + 2**-20))
-            raise CatalogError(
-                f"catalog {self.name!r}: row {row} (0-based) has norm {largest:.4g}, above "
-                f"{MAX_ROW_NORM}; {above} row(s) are; normalise the embeddings"
-            )
+        _check_norms(self.name, emb, "row")
         if len(self.ids) != emb.shape[0]:
             raise CatalogError(
                 f"catalog {self.name!r}: {len(self.ids)} ids for {emb.shape[0]} embeddings"
@@ -97,6 +95,31 @@ class Catalog:
         object.__setattr__(self, "embeddings", emb)
         object.__setattr__(self, "version", digest.hexdigest()[:16])
 
+    @classmethod
+    def _checked(
+        cls,
+        name: str,
+        embeddings: RowArray,
+        ids: tuple[str, ...],
+        popularity: tuple[float, ...] | None,
+        version: str,
+        positions: dict[str, int],
+    ) -> Catalog:
+        """A catalog whose parts were checked already (by `changed_catalog`, change by
+        change): building it skips the whole-catalog checks and hash, which at
+        1,000,000 items would cost more than the change itself."""
+        catalog = object.__new__(cls)
+        for key, value in (
+            ("name", name),
+            ("embeddings", embeddings),
+            ("ids", ids),
+            ("popularity", popularity),
+            ("version", version),
+        ):
+            object.__setattr__(catalog, key, value)
+        catalog.__dict__["_positions"] = positions
+        return catalog
+
     @functools.cached_property
     def _positions(self) -> dict[str, int]:
         """Row number by id, built on the first re-ranking: ~60 bytes an item that a
@@ -117,6 +140,157 @@ class Catalog:
             return [self._positions[item_id] for item_id in item_ids]
         except KeyError as exc:
             raise KeyError(f"unknown item id {exc.args[0]!r} in catalog {self.name!r}") from None
+
+
+@dataclass(frozen=True)
+class CatalogChanges:
+    """A catalog's next version made by upserting and deleting items, with the rows that
+    differ from the version it was made from: only their chunks need encoding again."""
+
+    catalog: Catalog
+    changed_rows: npt.NDArray[np.int64]
+    """Sorted row positions whose contents changed, appeared or went away (positions
+    past the new item count are rows that no longer exist)."""
+    upserted: int
+    deleted: int
+
+
+def changed_catalog(
+    base: Catalog,
+    upsert_ids: Sequence[str],
+    upsert_rows: npt.ArrayLike,
+    delete_ids: Sequence[str] = (),
+    popularity: Sequence[float] | None = None,
+) -> CatalogChanges:
+    """`base` with these items written (an id it holds is replaced in place, a new one is
+    appended) and those deleted, checked like a whole catalog but in time proportional
+    to the change, not to the catalog.
+
+    A deleted row is filled by the catalog's last row (and the catalog shrinks by one),
+    so a delete rewrites two chunks at most, not every chunk after it. The version is
+    a hash of the base version and the change, so a client tells it from every other
+    version; it is not the hash a file of the same rows would get.
+    """
+    name = base.name
+    rows = np.asarray(upsert_rows, dtype=np.float32)
+    if rows.size == 0:
+        rows = rows.reshape(0, base.dimension)
+    if rows.ndim != 2 or rows.shape[1] != base.dimension:
+        raise CatalogError(
+            f"catalog {name!r}: upserted embeddings must be k × {base.dimension}, "
+            f"got shape {tuple(rows.shape)}"
+        )
+    if len(upsert_ids) != rows.shape[0]:
+        raise CatalogError(
+            f"catalog {name!r}: {len(upsert_ids)} ids for {rows.shape[0]} upserted embeddings"
+        )
+    if not len(upsert_ids) and not len(delete_ids):
+        raise CatalogError(f"catalog {name!r}: the change upserts and deletes nothing")
+    _check_ids(name, upsert_ids, "upserted")
+    _check_ids(name, delete_ids, "deleted")
+    both = set(upsert_ids) & set(delete_ids)
+    if both:
+        raise CatalogError(
+            f"catalog {name!r}: item {min(both)[:40]!r} is both upserted and deleted"
+        )
+    row = _first_non_finite_row(rows)
+    if row is not None:
+        raise CatalogError(f"catalog {name!r}: upserted row {row} (0-based) holds NaN or infinity")
+    _check_norms(name, rows, "upserted row")
+    values: list[float] | None = None
+    if base.popularity is None:
+        if popularity is not None:
+            raise CatalogError(f"catalog {name!r} publishes no popularity; send none")
+    else:
+        if popularity is None or len(popularity) != len(upsert_ids):
+            raise CatalogError(
+                f"catalog {name!r} publishes a popularity order: send one value per upserted item"
+            )
+        if not all(math.isfinite(float(value)) for value in popularity):
+            raise CatalogError(f"catalog {name!r}: popularity holds NaN or infinity")
+        values = list(base.popularity)
+    old = dict(base._positions)  # the base's own map stays as it is (it still serves)
+    unknown = next((item for item in delete_ids if item not in old), None)
+    if unknown is not None:
+        raise UnknownItemError(f"catalog {name!r} holds no item {unknown[:40]!r}")
+    count = base.item_count
+    fresh = [i for i, item in enumerate(upsert_ids) if item not in old]
+    if count + len(fresh) - len(delete_ids) < 1:
+        raise CatalogError(f"catalog {name!r}: the change would delete every item")
+
+    embeddings = np.empty((count + len(fresh), base.dimension), dtype=np.float32)
+    embeddings[:count] = base.embeddings
+    ids = list(base.ids)
+    changed: set[int] = set()
+    for i, item in enumerate(upsert_ids):
+        at = old.get(item)
+        if at is None:
+            at = old[item] = len(ids)
+            ids.append(item)
+            if values is not None:
+                values.append(0.0)
+        embeddings[at] = rows[i]
+        if values is not None and popularity is not None:
+            values[at] = float(popularity[i])
+        changed.add(at)
+    for at in sorted((old.pop(item) for item in delete_ids), reverse=True):
+        last = len(ids) - 1  # rows past `at` that were deleted are gone already
+        changed.add(last)
+        if at != last:
+            embeddings[at] = embeddings[last]
+            ids[at] = ids[last]
+            old[ids[at]] = at
+            if values is not None:
+                values[at] = values[last]
+            changed.add(at)
+        ids.pop()
+        if values is not None:
+            values.pop()
+    digest = hashlib.sha256(f"{base.version}\0change\0".encode())
+    digest.update("\n".join(upsert_ids).encode() + b"\0" + rows.astype("<f4").tobytes())
+    digest.update("\n".join(delete_ids).encode())
+    if popularity is not None:
+        digest.update(np.asarray(popularity, dtype="<f8").tobytes())
+    catalog = Catalog._checked(
+        name,
+        embeddings[: len(ids)],
+        tuple(ids),
+        None if values is None else tuple(values),
+        digest.hexdigest()[:16],
+        old,
+    )
+    return CatalogChanges(
+        catalog,
+        # rows appended and deleted again by the same change existed in neither version
+        np.asarray(sorted(r for r in changed if r < max(count, len(ids))), dtype=np.int64),
+        len(upsert_ids),
+        len(delete_ids),
+    )
+
+
+def _check_ids(name: str, ids: Sequence[str], what: str) -> None:
+    for item in ids:
+        if not item or len(item.encode()) > MAX_ID_BYTES:
+            raise CatalogError(
+                f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
+                f"an {what} id has {len(item.encode())}"
+            )
+    repeated = repeated_rows(ids)
+    if repeated is not None:
+        raise CatalogError(f"catalog {name!r}: {what} id {ids[repeated[1]][:40]!r} is listed twice")
+
+
+def _check_norms(name: str, rows: RowArray, what: str) -> None:
+    """Row norms within MAX_ROW_NORM, naming the first row above it and how many are."""
+    if rows.shape[0] == 0:
+        return
+    row, largest = _largest_row_norm(rows)
+    if largest > MAX_ROW_NORM * (1 + 2**-20):  # float32 may lift a row on the bound
+        above = _rows_above(rows, MAX_ROW_NORM * (1 + 2**-20))
+        raise CatalogError(
+            f"catalog {name!r}: {what} {row} (0-based) has norm {largest:.4g}, above "
+            f"{MAX_ROW_NORM}; {above} row(s) are; normalise the embeddings"
+        )
 
 
 def repeated_rows(ids: Sequence[str]) -> tuple[int, int] | None:

@@ -13,10 +13,12 @@ import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 import tenseal.sealapi as seal
 
 from heserve.backends.base import (
@@ -28,13 +30,14 @@ from heserve.backends.base import (
     ShardUnavailableError,
 )
 from heserve.backends.local import LocalBackend
-from heserve.domain.catalog import Catalog
+from heserve.domain.catalog import Catalog, CatalogError, UnknownItemError, changed_catalog
 from heserve.domain.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    ServiceError,
     UnavailableError,
     clip,
 )
@@ -52,6 +55,10 @@ from heserve.protocol.reasons import (
 from heserve.protocol.slots import ceil_div
 
 log = logging.getLogger(__name__)
+MAX_UPDATE_ITEMS = 65_536
+"""Items (upserted and deleted together) one catalog update may name, by default: the
+admin service's limit, not the public API's, so it is not among the SizeLimits that
+GetServerInfo announces."""
 # SEAL's rotation step for complex conjugation (Galois element 2N - 1).
 CONJUGATION_STEP = 0
 
@@ -106,6 +113,31 @@ class ScoredRun:
 
 
 @dataclass(frozen=True)
+class CatalogChange:
+    """What one update or reload did to one catalog: what the admin service answers,
+    the log line says and the metrics count."""
+
+    catalog: str
+    outcome: str
+    """"updated" (items upserted or deleted), "replaced" (a reload served a new
+    version), "unchanged" (a reload found the served version) or "failed"."""
+    version: str
+    """The version served afterwards (the previous one, unless it changed)."""
+    previous_version: str
+    item_count: int
+    """Items served afterwards."""
+    upserted: int = 0
+    deleted: int = 0
+    chunks_rewritten: int = 0
+    """Encoded chunks made for the new version: an update's touched ones, a reload's all."""
+    chunk_count: int = 0
+    """Chunks of the version served afterwards."""
+    seconds: float = 0.0
+    error: str = ""
+    """Why it failed: one line, naming no value of the catalog."""
+
+
+@dataclass(frozen=True)
 class ServedCatalog:
     """A catalog with its slot layout; its encoded chunks live in the backend."""
 
@@ -153,8 +185,10 @@ class Scorer:
         progress: Progress | None = None,
         backend: Backend | None = None,
         protection: ScoreProtection | None = None,
+        max_update_items: int = MAX_UPDATE_ITEMS,
     ) -> None:
         self.params = params
+        self.max_update_items = max_update_items
         self.preset = next((name for name, p in PRESETS.items() if p == params), "custom")
         self.protection = protection or ScoreProtection()
         self._noise = NoiseAdder(params, self.preset, self.protection)
@@ -194,7 +228,9 @@ class Scorer:
         self._in_use: dict[str, int] = {}
         self._retired: set[str] = set()
         self.reloads = 0
-        """Catalog versions swapped in since start-up (replace_catalog)."""
+        """Catalog versions swapped in since start-up (reloads and updates)."""
+        self.change_counts: Counter[tuple[str, str, str]] = Counter()
+        """(catalog, "update" or "reload", outcome) → times, for the metrics."""
         steps = {step for entry in self.catalogs.values() for step in entry.plan.rotation_steps}
         # Step 0 (complex conjugation) comes first: needed for real-slot scores only.
         self.galois_steps = (CONJUGATION_STEP, *sorted(steps))
@@ -325,6 +361,12 @@ class Scorer:
                 raise ValueError(f"no catalog named {catalog.name!r} is served")
             if old.catalog.version == catalog.version:
                 return False
+            if catalog.dimension != old.catalog.dimension:
+                raise ValueError(
+                    f"catalog {catalog.name!r}: the dimension changed from "
+                    f"{old.catalog.dimension} to {catalog.dimension}: clients' vectors would "
+                    "no longer fit; restart to serve it"
+                )
             plan = self._plan_for(catalog)
             extra = set(plan.rotation_steps) - set(self.galois_steps)
             if extra:
@@ -333,23 +375,196 @@ class Scorer:
                     f"{sorted(extra)} that clients' keys do not cover; restart to serve it"
                 )
             entry = ServedCatalog(catalog, plan)
-            self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress)
-            with self._versions:
-                self.catalogs = {**self.catalogs, catalog.name: entry}
-                drop = self._in_use.get(old.key, 0) == 0
-                if not drop:
-                    self._retired.add(old.key)
-                self.reloads += 1
-            if drop:
-                self.backend.remove_catalog(old.key)
+            started = time.monotonic()
+            self._encode_then_swap(
+                old,
+                entry,
+                lambda: self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress),
+            )
             log.info(
-                "catalog %s: version %s replaced %s",
+                "catalog %s: version %s replaced %s (%d items encoded in %.2f s)",
                 catalog.name,
                 catalog.version,
                 old.catalog.version,
+                catalog.item_count,
+                time.monotonic() - started,
                 extra={"fields": {"event": "catalog_replaced", "catalog": catalog.name}},
             )
             return True
+
+    def update_items(
+        self,
+        catalog_name: str,
+        upsert_ids: Sequence[str],
+        upsert_rows: npt.ArrayLike,
+        delete_ids: Sequence[str] = (),
+        popularity: Sequence[float] | None = None,
+        if_version: str = "",
+    ) -> CatalogChange:
+        """Upsert and delete items by id: a new version of the catalog, visible to
+        queries when this returns, that re-encodes only the chunks the change touches
+        (the others are shared with the version before). All or nothing: a change that
+        fails its checks, or a shard that fails while encoding it, leaves the served
+        version as it was. `if_version` (when set) must be the served version, so that
+        two writers cannot overwrite each other unknowingly. Queries already running
+        finish on the version they started on, as with a reload.
+        """
+        started = time.monotonic()
+        named = len(upsert_ids) + len(delete_ids)
+        try:
+            if named > self.max_update_items:
+                raise ResourceExhaustedError(
+                    f"{named} items exceed the limit of {self.max_update_items} "
+                    "per update; send them in several"
+                )
+            for item in (*upsert_ids, *delete_ids):
+                self.bounded("an item id", item, self.limits.max_item_id_chars)
+            self.bounded("catalog_version", if_version)
+            with self._reloading:
+                old = self.catalog(catalog_name)
+                if if_version and if_version != old.catalog.version:
+                    raise FailedPreconditionError(
+                        f"catalog {old.catalog.name!r} is at version {old.catalog.version}, "
+                        f"not {clip(if_version)}",
+                        reason=CATALOG_VERSION_CHANGED,
+                    )
+                try:
+                    changes = changed_catalog(
+                        old.catalog, upsert_ids, upsert_rows, delete_ids, popularity
+                    )
+                except UnknownItemError as exc:
+                    raise NotFoundError(str(exc)) from None
+                except CatalogError as exc:
+                    raise InvalidArgumentError(str(exc)) from None
+                entry = ServedCatalog(changes.catalog, old.plan)
+                total = old.plan.chunk_count(changes.catalog.item_count)
+                chunks = sorted(
+                    {int(row) // old.plan.items_per_chunk for row in changes.changed_rows}
+                    & set(range(total))
+                )
+                try:
+                    self._encode_then_swap(
+                        old,
+                        entry,
+                        lambda: self.backend.update_catalog(
+                            entry.key, old.key, old.plan, changes.catalog.embeddings, chunks
+                        ),
+                    )
+                except ShardUnavailableError as exc:
+                    raise UnavailableError(f"{exc}; nothing changed, retry the update") from None
+                except ShardFaultError as exc:
+                    log.error("a shard failed a catalog update: %s", exc)
+                    raise InternalError("a shard failed the update; nothing changed") from None
+        except ServiceError as exc:
+            self.change_counts[(clip(catalog_name), "update", "failed")] += 1
+            log.warning("catalog update refused, nothing changed: %s", exc)
+            raise
+        change = CatalogChange(
+            catalog=old.catalog.name,
+            outcome="updated",
+            version=changes.catalog.version,
+            previous_version=old.catalog.version,
+            item_count=changes.catalog.item_count,
+            upserted=changes.upserted,
+            deleted=changes.deleted,
+            chunks_rewritten=len(chunks),
+            chunk_count=total,
+            seconds=time.monotonic() - started,
+        )
+        self._record("update", change)
+        return change
+
+    def reload(self, catalog_name: str, load: Callable[[], Catalog]) -> CatalogChange:
+        """Serve what `load` reads for a served catalog (its source read again), through
+        `replace_catalog`. A source that does not load, or a version the server cannot
+        swap in, changes nothing: the served version stays, and the change says why."""
+        started = time.monotonic()
+        served = self.catalog(catalog_name)
+        change = CatalogChange(
+            catalog=catalog_name,
+            outcome="unchanged",
+            version=served.catalog.version,
+            previous_version=served.catalog.version,
+            item_count=served.catalog.item_count,
+            chunk_count=served.plan.chunk_count(served.catalog.item_count),
+        )
+        try:
+            catalog = load()
+            if catalog.name != catalog_name:
+                raise ValueError(f"the source of {catalog_name!r} loaded {catalog.name!r}")
+            if self.replace_catalog(catalog):
+                entry = self.catalog(catalog_name)
+                total = entry.plan.chunk_count(catalog.item_count)
+                change = replace(
+                    change,
+                    outcome="replaced",
+                    version=catalog.version,
+                    item_count=catalog.item_count,
+                    chunks_rewritten=total,
+                    chunk_count=total,
+                )
+        except (CatalogError, OSError, ValueError, ShardUnavailableError, ShardFaultError) as exc:
+            change = replace(change, outcome="failed", error=str(exc).splitlines()[0][:500])
+        change = replace(change, seconds=time.monotonic() - started)
+        self._record("reload", change)
+        return change
+
+    def _record(self, kind: str, change: CatalogChange) -> None:
+        """Count a change for the metrics and log it, one line."""
+        self.change_counts[(change.catalog, kind, change.outcome)] += 1
+        fields = {
+            "event": f"catalog_{kind}",
+            "catalog": change.catalog,
+            "outcome": change.outcome,
+            "version": change.version,
+            "previous_version": change.previous_version,
+            "items": change.item_count,
+            "chunks_rewritten": change.chunks_rewritten,
+            "seconds": round(change.seconds, 3),
+        }
+        if change.outcome == "failed":
+            log.error(
+                "catalog %s failed, the served version stays: %s",
+                kind,
+                change.error,
+                extra={"fields": fields},
+            )
+        elif change.outcome == "unchanged":
+            log.info("catalog %s: unchanged (version %s)", change.catalog, change.version)
+        elif kind == "update":  # a reload's replacement is logged by replace_catalog
+            log.info(
+                "catalog %s: version %s replaced %s (%d upserted, %d deleted; %d of %d "
+                "chunks encoded in %.2f s)",
+                change.catalog,
+                change.version,
+                change.previous_version,
+                change.upserted,
+                change.deleted,
+                change.chunks_rewritten,
+                change.chunk_count,
+                change.seconds,
+                extra={"fields": fields},
+            )
+
+    def _encode_then_swap(
+        self, old: ServedCatalog, entry: ServedCatalog, encode: Callable[[], None]
+    ) -> None:
+        """Have the backend hold `entry`'s chunks (`encode`), then serve it instead of
+        `old` at once. A failure while encoding drops what was made and serves `old` on;
+        `old`'s chunks go when the last query that started on it ends."""
+        try:
+            encode()
+        except BaseException:
+            self.backend.remove_catalog(entry.key)
+            raise
+        with self._versions:
+            self.catalogs = {**self.catalogs, entry.catalog.name: entry}
+            drop = self._in_use.get(old.key, 0) == 0
+            if not drop:
+                self._retired.add(old.key)
+            self.reloads += 1
+        if drop:
+            self.backend.remove_catalog(old.key)
 
     def _score(
         self,
