@@ -28,6 +28,7 @@ from heserve.ops.cli import reload_catalogs
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.reasons import CATALOG_VERSION_CHANGED
 from heserve.transport.auth import ADMIN_PREFIX, Authenticator, TokenError
+from heserve.transport.interceptors import MAX_METADATA_BYTES
 from heserve.transport.server import AdminConfig, OneAtATime, RunningServer, start_server
 from heserve.v1 import scoring_pb2 as pb
 from heserve.v1 import scoring_pb2_grpc as pb_grpc
@@ -374,6 +375,18 @@ def test_reload_catalogs_reports_each_catalog_and_a_broken_file_keeps_its_versio
             versions["b"],
         )
         assert "b.npy" in b.error and "\n" not in b.error
+        registry = running.metrics.registry
+        for catalog, outcome in (("a", "replaced"), ("b", "failed"), ("c", "unchanged")):
+            labels = {"catalog": catalog, "kind": "reload", "outcome": outcome}
+            assert registry.get_sample_value("heserve_catalog_changes_total", labels) == 1
+        served_items = {"catalog": "a", "version": a.version}
+        assert registry.get_sample_value("heserve_catalog_items", served_items) == 200
+        assert (
+            registry.get_sample_value(
+                "heserve_catalog_items", {"catalog": "b", "version": versions["b"]}
+            )
+            == 100
+        )
         assert (c.catalog, c.outcome, c.version, c.error) == (
             "c",
             apb.CATALOG_CHANGE_OUTCOME_UNCHANGED,
@@ -407,3 +420,19 @@ def test_reload_catalogs_without_catalog_files_fails_its_precondition(shop: Cata
             apb.ReloadCatalogsRequest(), timeout=TIMEOUT, metadata=_bearer(ADMIN_TOKEN)
         )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_admin_call_with_oversized_metadata_is_refused_and_changes_nothing(
+    served: tuple[Scorer, RunningServer], admin_stub: apb_grpc.CatalogAdminServiceStub
+) -> None:
+    scorer, _ = served
+    before = scorer.catalog("shop")
+    metadata = (*_bearer(ADMIN_TOKEN), ("x-note", "n" * MAX_METADATA_BYTES))
+    with pytest.raises(grpc.RpcError) as refused:
+        admin_stub.UpdateItems(
+            apb.UpdateItemsRequest(catalog="shop", delete_ids=["shop-1"]),
+            timeout=TIMEOUT,
+            metadata=metadata,
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert scorer.catalog("shop") is before

@@ -456,7 +456,9 @@ class Scorer:
                     log.error("a shard failed a catalog update: %s", exc)
                     raise InternalError("a shard failed the update; nothing changed") from None
         except ServiceError as exc:
-            self.change_counts[(clip(catalog_name), "update", "failed")] += 1
+            # counted under a served name only: a metric label is never the caller's input
+            counted = catalog_name if catalog_name in self.catalogs else ""
+            self.change_counts[(counted, "update", "failed")] += 1
             log.warning("catalog update refused, nothing changed: %s", exc)
             raise
         change = CatalogChange(

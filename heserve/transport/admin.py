@@ -30,7 +30,7 @@ from heserve.domain.errors import (
 from heserve.domain.scorer import CatalogChange, Scorer
 from heserve.transport.auth import ADMIN_PREFIX, UnauthenticatedError
 from heserve.transport.context import current_caller
-from heserve.transport.servicer import _abort_on_service_error
+from heserve.transport.servicer import abort_on_service_error
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["CatalogAdminService"].full_name
 _OUTCOMES = {
@@ -65,7 +65,7 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
         self._scorer = scorer
         self._reload = reload
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def ReloadCatalogs(
         self, request: admin_pb.ReloadCatalogsRequest, context: grpc.ServicerContext
     ) -> admin_pb.ReloadCatalogsResponse:
@@ -79,7 +79,7 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
             changes=[change_to_message(change) for change in self._reload()]
         )
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def UpdateItems(
         self, request: admin_pb.UpdateItemsRequest, context: grpc.ServicerContext
     ) -> admin_pb.UpdateItemsResponse:

@@ -43,6 +43,7 @@ from grpc import aio
 from heserve.transport.auth import Authenticator
 from heserve.transport.context import current_call
 from heserve.transport.interceptors import (
+    ADMIN_METHOD_PREFIX,
     MAX_METADATA_BYTES,
     is_open,
     metadata_bytes,
@@ -505,15 +506,17 @@ def caller_key(
     return f"address:{host}"
 
 
-_BRIDGED_PREFIX = "/heserve.v1.ScoringService/"
+_BRIDGED_PREFIXES = ("/heserve.v1.ScoringService/", ADMIN_METHOD_PREFIX)
+"""The services run through the bridge's interceptor chain, which refuses, logs and
+counts their oversized metadata itself."""
 
 
 class CallAdmission(AioInterceptor):
     """Refuses a call past its caller's share of the server (`CallLimits`) with
     RESOURCE_EXHAUSTED, before its handler runs; counts it while it runs. Every
     service, health and reflection included; it also refuses their calls with metadata
-    past `MAX_METADATA_BYTES` (the ScoringService's are refused, logged and counted by
-    its own interceptor chain)."""
+    past `MAX_METADATA_BYTES` (the ScoringService's and the admin service's are refused,
+    logged and counted by their own interceptor chain)."""
 
     def __init__(self, limits: CallLimits, authenticator: Authenticator | None) -> None:
         self.limits = limits
@@ -557,7 +560,7 @@ class CallAdmission(AioInterceptor):
 
         @contextlib.asynccontextmanager
         async def admitted(context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            if oversized and not method.startswith(_BRIDGED_PREFIX):
+            if oversized and not method.startswith(_BRIDGED_PREFIXES):
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"call metadata larger than {MAX_METADATA_BYTES} bytes",

@@ -10,7 +10,9 @@ The backend's shards are read on each scrape too, through what a backend may off
 (`restarts`, `shard_memory()`): the shard restarts so far, and each shard's resident
 memory, which the process metrics of this (front) process do not include. Key store
 evictions and expirations are exported when the key store counts them
-(`evictions`, `expirations`).
+(`evictions`, `expirations`). Each served catalog's version and items, and the reloads
+and updates by outcome, come from the scorer (`catalogs`, `change_counts`): a failed
+reload is `heserve_catalog_changes_total{outcome="failed"}`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,32 @@ class ShardCollector(Collector):
                 yield family
 
 
+class CatalogCollector(Collector):
+    """The served catalogs and their changes (reloads, updates), read at scrape time."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+
+    def collect(self) -> Iterator[Metric]:
+        items = GaugeMetricFamily(
+            "heserve_catalog_items",
+            "Items of each catalog's served version",
+            labels=("catalog", "version"),
+        )
+        for name, entry in self._scorer.catalogs.items():
+            items.add_metric([name, entry.catalog.version], entry.catalog.item_count)
+        yield items
+        changes = CounterMetricFamily(
+            "heserve_catalog_changes",
+            "Catalog reloads and updates by outcome (replaced, updated, unchanged, failed); "
+            "a failed one changed nothing",
+            labels=("catalog", "kind", "outcome"),
+        )
+        for (catalog, kind, outcome), count in sorted(self._scorer.change_counts.items()):
+            changes.add_metric([catalog, kind, outcome], count)
+        yield changes
+
+
 class Metrics:
     """The metrics of one server."""
 
@@ -159,6 +187,7 @@ class Metrics:
             "heserve_key_store_bytes", "Bytes of keys in the key store", registry=registry
         ).set_function(lambda: scorer.keys.bytes_held)
         registry.register(ShardCollector(scorer))
+        registry.register(CatalogCollector(scorer))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

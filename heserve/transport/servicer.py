@@ -46,7 +46,7 @@ _PAGE_TOKEN = re.compile(r"0|[1-9][0-9]{0,17}")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def _abort_on_service_error(handler: Handler) -> Handler:
+def abort_on_service_error(handler: Handler) -> Handler:
     """Turn a ServiceError into the matching gRPC status, for unary and streaming handlers."""
 
     def abort(context: grpc.ServicerContext, exc: ServiceError) -> None:
@@ -150,7 +150,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
     ) -> pb.GetServerInfoResponse:
         return self.server_info()
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def ListCatalogs(
         self, request: pb.ListCatalogsRequest, context: grpc.ServicerContext
     ) -> pb.ListCatalogsResponse:
@@ -166,7 +166,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             next_page_token=str(end) if end < len(entries) else "",
         )
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def ListItems(
         self, request: pb.ListItemsRequest, context: grpc.ServicerContext
     ) -> pb.ListItemsResponse:
@@ -184,7 +184,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             popularity=[] if catalog.popularity is None else catalog.popularity[start:end],
         )
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def RegisterKeys(
         self, request_iterator: Iterator[pb.RegisterKeysRequest], context: grpc.ServicerContext
     ) -> pb.RegisterKeysResponse:
@@ -214,7 +214,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             key_id=key_id, ttl_seconds=self._scorer.retention.ttl_seconds
         )
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def DeleteKeys(
         self, request: pb.DeleteKeysRequest, context: grpc.ServicerContext
     ) -> pb.DeleteKeysResponse:
@@ -223,7 +223,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
         check_owner(current_caller(), request.key_id)
         return pb.DeleteKeysResponse(deleted=self._scorer.delete_keys(request.key_id))
 
-    @_abort_on_service_error
+    @abort_on_service_error
     def Score(
         self, request: pb.ScoreRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ScoreResponse]:
