@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs the heserve[ray] extra")
+import shared_ray_cluster  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from heserve.backends.ray_cluster import RayBackend  # noqa: E402
@@ -25,34 +26,10 @@ SLOTS = DEFAULT_PARAMETERS.slot_count
 ITEMS, DIMENSION = 4 * SLOTS + 808, 40
 
 
-def _start_cluster() -> Cluster:
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 200 << 20},
-    )
-    try:
-        cluster.add_node(num_cpus=1, object_store_memory=200 << 20)
-        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
-    except Exception:
-        ray.shutdown()
-        cluster.shutdown()
-        raise
-    return cluster
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    # Ray waits a fixed 30 s for a raylet to register; on a loaded 2-core machine
-    # that can pass. One more attempt, from scratch, tells load from breakage.
-    try:
-        cluster = _start_cluster()
-    except Exception as first:  # Ray raises a bare Exception for the timeout
-        if "timed out during startup" not in str(first):
-            raise
-        cluster = _start_cluster()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The two-node cluster this module shares with the Ray modules run next to it."""
+    yield from shared_ray_cluster.two_node_cluster(request)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +38,7 @@ def catalog() -> Catalog:
 
 
 @pytest.fixture(scope="module")
-def backend(cluster: Cluster) -> Iterator[RayBackend]:
+def backend(ray_cluster: Cluster) -> Iterator[RayBackend]:
     ray_backend = RayBackend(DEFAULT_PARAMETERS)
     yield ray_backend
     ray_backend.close()
@@ -81,7 +58,7 @@ def _decrypt(secret: SecretContext, runs: list[ScoredRun]) -> np.ndarray:
 
 
 def test_the_cluster_has_two_nodes_and_the_shards_spread_over_them(
-    backend: RayBackend, cluster: Cluster
+    backend: RayBackend, ray_cluster: Cluster
 ) -> None:
     assert len([node for node in ray.nodes() if node["Alive"]]) == 2
     assert backend.shard_count == 2
