@@ -205,3 +205,31 @@ def test_a_refused_update_changes_nothing(
     _assert_scores_by_id(
         scorer, secret, key_id, _expected(before.catalog, unit_rows(1, DIMENSION, 99)[0])
     )
+
+
+def test_an_update_of_every_chunk_reaches_the_workers_in_batches_and_scores_right(
+    secret: SecretContext,
+) -> None:
+    """Eleven chunks over two workers: each worker gets its rewritten chunks a few per
+    message (pool._CHUNKS_PER_LOAD), and a new chunk appended past the old end."""
+    items = 11 * CHUNK
+    base = Catalog("shop", unit_rows(items, DIMENSION, 21), tuple(f"s{i}" for i in range(items)))
+    scorer = Scorer(DEFAULT_PARAMETERS, [base], backend=PoolBackend(DEFAULT_PARAMETERS, workers=2))
+    try:
+        key_id = scorer.register_keys(secret.galois_keys(list(scorer.galois_steps)))
+        touched = [f"s{chunk * CHUNK + 7}" for chunk in range(11)]
+        fresh = [f"new-{i}" for i in range(5)]
+        rows = unit_rows(16, DIMENSION, 22)
+        change = scorer.update_items("shop", [*touched, *fresh], rows)
+        assert (change.chunks_rewritten, change.chunk_count) == (12, 12)
+        vector = unit_rows(1, DIMENSION, 99)[0]
+        expected = _expected(base, vector)
+        expected.update(
+            {
+                item: float(row.astype(np.float32) @ vector)
+                for item, row in zip([*touched, *fresh], rows, strict=True)
+            }
+        )
+        _assert_scores_by_id(scorer, secret, key_id, expected)
+    finally:
+        scorer.backend.close()

@@ -262,28 +262,57 @@ class PoolBackend:
     def _load_shards(
         self, spec: _CatalogSpec, workers: list[_Worker], progress: Progress | None
     ) -> None:
-        """Have each of `workers` encode its shard of a catalog; wait until all are done.
+        """Have each of `workers` encode its shard of a catalog; wait until all are done."""
+        plan, rows = spec.plan, spec.embeddings
 
-        Each worker's rows go out a few chunks at a time, from a thread of its own: the
-        worker encodes one batch while the next waits in its pipe, and no process
-        ever holds a pickled copy of its whole shard (at 1,000,000 × 128, 0.25 GB).
+        def batches(worker: _Worker, request_id: int) -> list[Callable[[], ToWorker]]:
+            indices = shard_chunks(worker.index, self.shard_count, spec.chunk_count)
+
+            def load(first: int) -> Callable[[], ToWorker]:
+                batch = indices[first : first + _CHUNKS_PER_LOAD]
+                return lambda: LoadShard(
+                    request_id,
+                    spec.name,
+                    plan,
+                    tuple(plan.chunk_rows(rows, batch)),
+                    spec.budget,
+                    first,
+                )
+
+            return [load(first) for first in range(0, max(1, len(indices)), _CHUNKS_PER_LOAD)]
+
+        self._run_batches(workers, batches, spec.chunk_count, progress)
+
+    def _run_batches(
+        self,
+        workers: list[_Worker],
+        batches: Callable[[_Worker, int], list[Callable[[], ToWorker]]],
+        total: int,
+        progress: Progress | None,
+    ) -> None:
+        """Send each of `workers` its batches (`batches(worker, request_id)`: one maker
+        per message) and wait until each batch is done; `progress` counts the chunks
+        the workers report encoded, out of `total`.
+
+        Each worker's messages go out from a thread of its own, made one at a time as
+        the pipe takes them: the worker encodes one batch while the next waits in its
+        pipe, and no process ever holds a pickled copy of its whole shard (at
+        1,000,000 × 128, 0.25 GB).
         """
-        total = spec.chunk_count
         request_id, replies = self._open()
         try:
-            batches = 0
+            expected = 0
             for worker in workers:
-                indices = shard_chunks(worker.index, self.shard_count, total)
-                starts = range(0, max(1, len(indices)), _CHUNKS_PER_LOAD)  # one, if empty
-                batches += len(starts)
+                makers = batches(worker, request_id)
+                expected += len(makers)
                 threading.Thread(
                     target=self._feed,
-                    args=(worker, request_id, spec, indices, starts),
+                    args=(worker, makers),
                     name=f"heserve-load-{worker.index}",
                     daemon=True,
                 ).start()
             done = finished = 0
-            while finished < batches:
+            while finished < expected:
                 if isinstance(self._next_reply(replies), ChunkEncoded):
                     done += 1
                     if progress is not None:
@@ -294,17 +323,13 @@ class PoolBackend:
             self._close(request_id)
 
     @staticmethod
-    def _feed(
-        worker: _Worker, request_id: int, spec: _CatalogSpec, indices: list[int], starts: range
-    ) -> None:
-        """Send one worker its chunks of a catalog, batch by batch (a pipe send blocks
-        until the worker takes the batch). A worker that dies stops the feed; its
-        route thread fails the request."""
-        for first in starts:
-            batch = indices[first : first + _CHUNKS_PER_LOAD]
-            rows = tuple(spec.plan.chunk_rows(spec.embeddings, batch))
+    def _feed(worker: _Worker, makers: list[Callable[[], ToWorker]]) -> None:
+        """Send one worker its messages, each made just before it is sent (a pipe send
+        blocks until the worker takes the message). A worker that dies stops the feed;
+        its route thread fails the request."""
+        for make in makers:
             try:
-                worker.send(LoadShard(request_id, spec.name, spec.plan, rows, spec.budget, first))
+                worker.send(make())
             except OSError:
                 return
 
@@ -319,28 +344,25 @@ class PoolBackend:
     def update_catalog(
         self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
     ) -> None:
-        """Each worker derives its shard of `name` from its shard of `base` (one message
-        each, with only its rewritten chunks' rows); a worker replaced meanwhile
-        re-encodes its whole shard of `name` from the spec, as after any restart."""
+        """Each worker derives its shard of `name` from its shard of `base`, receiving
+        only its rewritten chunks' rows, a few chunks a message; a worker replaced
+        meanwhile re-encodes its whole shard of `name` from the spec, as after any
+        restart."""
         base_spec = self._catalogs[base]
-        workers = self._ready_workers()
-        request_id, replies = self._open()
-        try:
-            for worker in workers:
-                count, changed = shard_changes(
-                    worker.index, self.shard_count, plan, embeddings, chunks
+
+        def batches(worker: _Worker, request_id: int) -> list[Callable[[], ToWorker]]:
+            count, changed = shard_changes(worker.index, self.shard_count, plan, embeddings, chunks)
+            positions = sorted(changed)
+
+            def derive(first: int) -> Callable[[], ToWorker]:
+                batch = positions[first : first + _CHUNKS_PER_LOAD]
+                return lambda: DeriveShard(
+                    request_id, name, base, count, tuple((p, changed[p]) for p in batch), first
                 )
-                message = DeriveShard(request_id, name, base, count, tuple(changed.items()))
-                try:
-                    worker.send(message)
-                except OSError:
-                    raise ShardUnavailableError(
-                        f"worker {worker.process.name} died before the update"
-                    ) from None
-            for _ in workers:
-                self._next_reply(replies)  # Done, or the failure it raises
-        finally:
-            self._close(request_id)
+
+            return [derive(first) for first in range(0, max(1, len(positions)), _CHUNKS_PER_LOAD)]
+
+        self._run_batches(self._ready_workers(), batches, len(chunks), None)
         self._budget.inherit(name, base)
         self._catalogs[name] = _CatalogSpec(name, plan, embeddings, base_spec.budget)
 

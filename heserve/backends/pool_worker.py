@@ -58,6 +58,8 @@ class DeriveShard(Message):
     base: str
     count: int
     changed: tuple[tuple[int, RowArray], ...]
+    first: int = 0
+    """0 for an update's first message to this worker; its later ones fill in more."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,9 @@ def _serve(
     """Carry out one request, sending its progress or results as they come."""
     request_id = message.request_id
     if isinstance(message, DeriveShard):
-        shard.derive_catalog(message.catalog, message.base, message.count, dict(message.changed))
+        shard.derive_catalog(
+            message.catalog, message.base, message.count, dict(message.changed), message.first > 0
+        )
         _return_freed_memory()
         return
     if isinstance(message, LoadShard):

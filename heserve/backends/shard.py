@@ -71,29 +71,36 @@ class Shard:
             self._catalogs[name][1].extend(chunks)
 
     def derive_catalog(
-        self, name: str, base: str, count: int, changed: Mapping[int, RowArray]
+        self,
+        name: str,
+        base: str,
+        count: int,
+        changed: Mapping[int, RowArray],
+        more: bool = False,
     ) -> None:
         """Make catalog `name` of `count` chunks (positions in this shard) from catalog
         `base`: the chunks at the positions in `changed` are encoded from their new rows,
         every other one is `base`'s own object, shared and not copied, so the new version
         costs only the chunks it rewrites. A rewritten chunk takes the form its place had
         in `base` (encoded, or rows past the memory budget); a new place, its last one's.
+
+        The changed chunks may come in several calls (`more` for all but the first), so
+        that no message holds them all; the catalog is not served before the last.
         """
         plan, chunks = self._catalogs[base]
-        missing = [p for p in range(min(count, len(chunks)), count) if p not in changed]
-        if missing:
-            raise ValueError(f"chunks {missing} of {name!r} are neither in {base!r} nor given")
-        derived: list[Chunk] = []
-        for position in range(count):
-            rows = changed.get(position)
-            if rows is None:
-                derived.append(chunks[position])
-                continue
+        if more:
+            derived = self._catalogs[name][1]
+        else:
+            # Places past `base`'s end are all in `changed`, this call's or a later one's;
+            # until then they hold an empty chunk.
+            empty = np.empty((0, plan.dimension), dtype=np.float32)
+            derived = [chunks[p] if p < len(chunks) else empty for p in range(count)]
+        for position, rows in changed.items():
             like = chunks[min(position, len(chunks) - 1)] if chunks else None
             if isinstance(like, np.ndarray):
-                derived.append(np.ascontiguousarray(rows))
+                derived[position] = np.ascontiguousarray(rows)
             else:
-                derived.append(self.engine.encode_rows(plan, rows))
+                derived[position] = self.engine.encode_rows(plan, rows)
         self._catalogs[name] = (plan, derived)
 
     def remove_catalog(self, name: str) -> None:
