@@ -20,6 +20,7 @@ import tenseal.sealapi as seal
 
 from heserve.he.engine import Engine, Progress, encoded_chunk_bytes
 from heserve.he.plan import DiagonalPlan
+from heserve.he.rows import Rows
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray, ceil_div
 
@@ -67,7 +68,7 @@ class ScoreCall:
 
 
 def shard_changes(
-    shard: int, shard_count: int, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+    shard: int, shard_count: int, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
 ) -> tuple[int, Mapping[int, RowArray]]:
     """A shard's part of `update_catalog`: how many chunks it holds of the new version,
     and the new rows of its rewritten ones by their position in the shard."""
@@ -135,12 +136,12 @@ class Backend(Protocol):
     engine: Engine
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: Rows, progress: Progress | None
     ) -> None:
         """Encode and keep a catalog's chunks."""
 
     def update_catalog(
-        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
     ) -> None:
         """Keep catalog `name` (rows `embeddings`, under `base`'s `plan`), which differs
         from the held catalog `base` only in the chunks at catalog-wide indices `chunks`:

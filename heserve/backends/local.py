@@ -13,6 +13,7 @@ from heserve.backends.base import ScoreCall, ShardBudget, shard_changes
 from heserve.backends.shard import Shard
 from heserve.he.engine import Engine, Progress
 from heserve.he.plan import DiagonalPlan
+from heserve.he.rows import Rows
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
 
@@ -28,14 +29,14 @@ class LocalBackend:
         self._shard = Shard(self.engine)
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: Rows, progress: Progress | None
     ) -> None:
         rows = plan.chunk_rows(embeddings)
         budget = self._budget.take(self.engine.params, plan, len(rows), name)
         self._shard.load_catalog(name, plan, rows, budget, progress)
 
     def update_catalog(
-        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
     ) -> None:
         count, changed = shard_changes(0, 1, plan, embeddings, chunks)
         self._shard.derive_catalog(name, base, count, changed)

@@ -58,6 +58,7 @@ from heserve.backends.pool_worker import (
 from heserve.backends.shard import ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
+from heserve.he.rows import Rows
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
 
@@ -99,7 +100,7 @@ class _CatalogSpec:
 
     name: str
     plan: DiagonalPlan
-    embeddings: RowArray
+    embeddings: Rows
     budget: int | None
 
     @property
@@ -334,7 +335,7 @@ class PoolBackend:
                 return
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: Rows, progress: Progress | None
     ) -> None:
         budget = self._budget.take(self.params, plan, plan.chunk_count(len(embeddings)), name)
         spec = _CatalogSpec(name, plan, embeddings, budget)
@@ -342,7 +343,7 @@ class PoolBackend:
         self._catalogs[name] = spec
 
     def update_catalog(
-        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
     ) -> None:
         """Each worker derives its shard of `name` from its shard of `base`, receiving
         only its rewritten chunks' rows, a few chunks a message; a worker replaced

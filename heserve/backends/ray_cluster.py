@@ -49,6 +49,7 @@ from heserve.backends.base import (
 from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
+from heserve.he.rows import Rows
 from heserve.protocol import wire
 from heserve.protocol.params import CkksParameters
 from heserve.protocol.slots import RowArray
@@ -286,7 +287,7 @@ class RayBackend:
         ray.kill(self._actors[shard], no_restart=False)
 
     def add_catalog(
-        self, name: str, plan: DiagonalPlan, embeddings: RowArray, progress: Progress | None
+        self, name: str, plan: DiagonalPlan, embeddings: Rows, progress: Progress | None
     ) -> None:
         total = plan.chunk_count(len(embeddings))
         budget = self._budget.take(self.params, plan, total, name)
@@ -308,7 +309,7 @@ class RayBackend:
         self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
 
     def update_catalog(
-        self, name: str, base: str, plan: DiagonalPlan, embeddings: RowArray, chunks: Sequence[int]
+        self, name: str, base: str, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
     ) -> None:
         """Each actor derives its shard of `name` from its shard of `base`. The new
         version's rows go to the object store whole, as a catalog's do: an actor Ray

@@ -12,13 +12,14 @@ import hashlib
 import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from heserve.he.rows import RowBlocks, RowEditor
 from heserve.protocol.slots import FloatArray, RowArray
 
 # Every preset leaves scores at least 8 bits of headroom (|score| < 128); with a
@@ -36,70 +37,100 @@ class UnknownItemError(CatalogError):
     """A change names an item the catalog does not hold."""
 
 
-@dataclass(frozen=True)
 class Catalog:
-    """n items × d dimensions of plaintext embeddings, with one id per item."""
+    """n items × d dimensions of plaintext embeddings, with one id per item.
+
+    Not changed once made (`changed_catalog` makes the next version). The rows are held
+    as `RowBlocks`, which the versions made from one another share block by block.
+    """
 
     name: str
-    embeddings: RowArray
+    rows: RowBlocks
     ids: tuple[str, ...]
-    popularity: tuple[float, ...] | None = None
+    popularity: tuple[float, ...] | None
     """The catalog's published non-personalized order: one finite number an item,
     higher first (served by ListItems). None: the catalog publishes none."""
-    version: str = field(init=False)
+    version: str
+    """A hash of the content (of a change and the version before, for a version made by
+    `changed_catalog`): a client that cached ids tells when they went stale."""
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        name: str,
+        embeddings: npt.ArrayLike,
+        ids: Sequence[str],
+        popularity: Sequence[float] | None = None,
+    ) -> None:
         # Held as float32, what embedding models produce: half the memory of float64,
         # and its rounding (~6e-8 relative) is far below every preset's error.
-        emb = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        ids = tuple(ids)
         if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
-            raise CatalogError(
-                f"catalog {self.name!r}: embeddings must be a non-empty n × d matrix"
-            )
+            raise CatalogError(f"catalog {name!r}: embeddings must be a non-empty n × d matrix")
         row = _first_non_finite_row(emb)
         if row is not None:
             raise CatalogError(
-                f"catalog {self.name!r}: embeddings contain NaN or infinity (first in row {row})"
+                f"catalog {name!r}: embeddings contain NaN or infinity (first in row {row})"
             )
-        _check_norms(self.name, emb, "row")
-        if len(self.ids) != emb.shape[0]:
-            raise CatalogError(
-                f"catalog {self.name!r}: {len(self.ids)} ids for {emb.shape[0]} embeddings"
-            )
-        repeated = repeated_rows(self.ids)
+        _check_norms(name, emb, "row")
+        if len(ids) != emb.shape[0]:
+            raise CatalogError(f"catalog {name!r}: {len(ids)} ids for {emb.shape[0]} embeddings")
+        repeated = repeated_rows(ids)
         if repeated is not None:
             raise CatalogError(
-                f"catalog {self.name!r}: item ids are not unique "
-                f"({self.ids[repeated[1]][:40]!r} repeats)"
+                f"catalog {name!r}: item ids are not unique ({ids[repeated[1]][:40]!r} repeats)"
             )
-        for row, item_id in enumerate(self.ids):
+        for row, item_id in enumerate(ids):
             if not item_id or len(item_id.encode()) > MAX_ID_BYTES:
                 raise CatalogError(
-                    f"catalog {self.name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
+                    f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
                     f"row {row}'s has {len(item_id.encode())}"
                 )
         digest = hashlib.sha256(emb.astype("<f4", copy=False).data)
-        digest.update("\n".join(self.ids).encode())
-        if self.popularity is not None:
-            popularity = tuple(float(value) for value in self.popularity)
-            if len(popularity) != len(self.ids):
+        digest.update("\n".join(ids).encode())
+        values: tuple[float, ...] | None = None
+        if popularity is not None:
+            values = tuple(float(value) for value in popularity)
+            if len(values) != len(ids):
                 raise CatalogError(
-                    f"catalog {self.name!r}: {len(popularity)} popularity values for "
-                    f"{len(self.ids)} items"
+                    f"catalog {name!r}: {len(values)} popularity values for {len(ids)} items"
                 )
-            if not all(math.isfinite(value) for value in popularity):
-                raise CatalogError(f"catalog {self.name!r}: popularity holds NaN or infinity")
-            object.__setattr__(self, "popularity", popularity)
+            if not all(math.isfinite(value) for value in values):
+                raise CatalogError(f"catalog {name!r}: popularity holds NaN or infinity")
             # a new order is a new version: clients that cached the old one read it again
-            digest.update(np.asarray(popularity, dtype="<f8").tobytes())
-        object.__setattr__(self, "embeddings", emb)
-        object.__setattr__(self, "version", digest.hexdigest()[:16])
+            digest.update(np.asarray(values, dtype="<f8").tobytes())
+        self._set(name, RowBlocks.of(emb), ids, values, digest.hexdigest()[:16])
+
+    def _set(
+        self,
+        name: str,
+        rows: RowBlocks,
+        ids: tuple[str, ...],
+        popularity: tuple[float, ...] | None,
+        version: str,
+    ) -> None:
+        for key, value in (
+            ("name", name),
+            ("rows", rows),
+            ("ids", ids),
+            ("popularity", popularity),
+            ("version", version),
+        ):
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"a Catalog does not change ({key}); changed_catalog makes the next")
+
+    def __repr__(self) -> str:
+        return (
+            f"Catalog({self.name!r}, {self.item_count} × {self.dimension}, version {self.version})"
+        )
 
     @classmethod
     def _checked(
         cls,
         name: str,
-        embeddings: RowArray,
+        rows: RowBlocks,
         ids: tuple[str, ...],
         popularity: tuple[float, ...] | None,
         version: str,
@@ -109,16 +140,16 @@ class Catalog:
         change): building it skips the whole-catalog checks and hash, which at
         1,000,000 items would cost more than the change itself."""
         catalog = object.__new__(cls)
-        for key, value in (
-            ("name", name),
-            ("embeddings", embeddings),
-            ("ids", ids),
-            ("popularity", popularity),
-            ("version", version),
-        ):
-            object.__setattr__(catalog, key, value)
+        catalog._set(name, rows, ids, popularity, version)
         catalog.__dict__["_positions"] = positions
         return catalog
+
+    @property
+    def embeddings(self) -> RowArray:
+        """All rows as one n × d array: the catalog's own array when it was made from
+        one, a copy when it is a version made by a change (for checks and small
+        catalogs; serving reads `rows`)."""
+        return self.rows.array()
 
     @functools.cached_property
     def _positions(self) -> dict[str, int]:
@@ -128,11 +159,11 @@ class Catalog:
 
     @property
     def item_count(self) -> int:
-        return int(self.embeddings.shape[0])
+        return len(self.rows)
 
     @property
     def dimension(self) -> int:
-        return int(self.embeddings.shape[1])
+        return self.rows.dimension
 
     def positions_of(self, item_ids: list[str]) -> list[int]:
         """Row numbers of these ids; raises KeyError naming the first unknown id."""
@@ -218,8 +249,7 @@ def changed_catalog(
     if count + len(fresh) - len(delete_ids) < 1:
         raise CatalogError(f"catalog {name!r}: the change would delete every item")
 
-    embeddings = np.empty((count + len(fresh), base.dimension), dtype=np.float32)
-    embeddings[:count] = base.embeddings
+    editor = RowEditor(base.rows)  # copies only the blocks it writes
     ids = list(base.ids)
     changed: set[int] = set()
     for i, item in enumerate(upsert_ids):
@@ -229,7 +259,7 @@ def changed_catalog(
             ids.append(item)
             if values is not None:
                 values.append(0.0)
-        embeddings[at] = rows[i]
+        editor.write(at, rows[i])
         if values is not None and popularity is not None:
             values[at] = float(popularity[i])
         changed.add(at)
@@ -237,7 +267,7 @@ def changed_catalog(
         last = len(ids) - 1  # rows past `at` that were deleted are gone already
         changed.add(last)
         if at != last:
-            embeddings[at] = embeddings[last]
+            editor.write(at, editor.row(last))
             ids[at] = ids[last]
             old[ids[at]] = at
             if values is not None:
@@ -246,6 +276,7 @@ def changed_catalog(
         ids.pop()
         if values is not None:
             values.pop()
+    editor.truncate(len(ids))
     digest = hashlib.sha256(f"{base.version}\0change\0".encode())
     digest.update("\n".join(upsert_ids).encode() + b"\0" + rows.astype("<f4").tobytes())
     digest.update("\n".join(delete_ids).encode())
@@ -253,7 +284,7 @@ def changed_catalog(
         digest.update(np.asarray(popularity, dtype="<f8").tobytes())
     catalog = Catalog._checked(
         name,
-        embeddings[: len(ids)],
+        editor.finish(),
         tuple(ids),
         None if values is None else tuple(values),
         digest.hexdigest()[:16],

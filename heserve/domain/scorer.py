@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
@@ -220,7 +219,7 @@ class Scorer:
                 plan.baby_step,
             )
             entry = ServedCatalog(catalog, plan)
-            self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress)
+            self.backend.add_catalog(entry.key, plan, catalog.rows, progress)
             served[catalog.name] = entry
         self.catalogs: Mapping[str, ServedCatalog] = dict(sorted(served.items()))
         self._versions = threading.Lock()  # the catalogs mapping, queries per version
@@ -379,7 +378,7 @@ class Scorer:
             self._encode_then_swap(
                 old,
                 entry,
-                lambda: self.backend.add_catalog(entry.key, plan, catalog.embeddings, progress),
+                lambda: self.backend.add_catalog(entry.key, plan, catalog.rows, progress),
             )
             log.info(
                 "catalog %s: version %s replaced %s (%d items encoded in %.2f s)",
@@ -447,7 +446,7 @@ class Scorer:
                         old,
                         entry,
                         lambda: self.backend.update_catalog(
-                            entry.key, old.key, old.plan, changes.catalog.embeddings, chunks
+                            entry.key, old.key, old.plan, changes.catalog.rows, chunks
                         ),
                     )
                 except ShardUnavailableError as exc:
@@ -623,7 +622,7 @@ class Scorer:
             runs = self.backend.score(call)
             count = catalog.item_count
         else:
-            rows = catalog.embeddings[np.asarray(positions, dtype=np.int64)]
+            rows = catalog.rows.take(positions)
             runs = self.backend.score_rows(call, rows)
             count = len(positions)
         per_response = entry.plan.items_per_chunk if complex_scores else self.params.slot_count

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from heserve.he.rows import Rows
 from heserve.protocol.slots import (
     ComplexArray,
     FloatArray,
@@ -83,9 +84,7 @@ class DiagonalPlan:
         """Output ciphertexts for `item_count` items: ceil(n / 2S)."""
         return ceil_div(item_count, self.items_per_chunk)
 
-    def chunk_rows(
-        self, embeddings: RowArray, indices: Sequence[int] | None = None
-    ) -> list[RowArray]:
+    def chunk_rows(self, embeddings: Rows, indices: Sequence[int] | None = None) -> list[RowArray]:
         """The rows of each chunk (all of them, or those at `indices`), as views."""
         size = self.items_per_chunk
         chosen = range(self.chunk_count(embeddings.shape[0])) if indices is None else indices
