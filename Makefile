@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test lint stubs bench bench-quick bench-compare bench-pool bench-ray bench-million clean
+.PHONY: setup demo test lint stubs bench bench-quick bench-compare bench-pool bench-ray bench-million bench-changes clean
 
 $(STAMP): pyproject.toml setup.py heserve/he/_mac.c
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-ray: $(STAMP)
 # 1,000,000 × 128 over gRPC, server (2 workers) in a subprocess: ~1 min, ~5.6 GB server + 1.1 GB client; PRESET=fast|precise|compact
 bench-million: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.million --preset $(or $(PRESET),precise) --workers $(or $(WORKERS),2)
+
+# Catalog changes while serving, 1,000,000 × 128 on 2 workers: updates of 1,000 items (appended, clustered, scattered, deleted) and a full reload; time until served, chunks encoded, memory (~3 min, ~7 GB)
+bench-changes: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.catalog_changes --items $(or $(ITEMS),1000000) --workers $(or $(WORKERS),2)
 
 # BASELINE=path.json (default: the committed quick-tier baseline); CURRENT= (default: latest run)
 bench-compare: $(STAMP)
