@@ -26,6 +26,7 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -83,7 +84,9 @@ class _RayCatalog:
 
     shard: _ShardCatalog
     total: int
-    shard_rows: tuple[Any, ...]  # one ObjectRef of row chunks per shard
+    shard_rows: tuple[tuple[Any, ...], ...]
+    """Per shard, one ObjectRef per chunk of rows: a version made by an update shares the
+    refs of the chunks it did not change (the object store holds those rows once)."""
 
 
 def _in_watch_group(method: _Method) -> _Method:
@@ -131,16 +134,17 @@ class ShardActor:
     def remove_catalog(self, name: str) -> None:
         self._shard.remove_catalog(name)
 
-    def load(self, catalog: _ShardCatalog, rows_ref: list[Any]) -> int:
-        """Encode this shard of a catalog (rows fetched from the object store)."""
-        rows: list[RowArray] = ray.get(rows_ref[0])
+    def load(self, catalog: _ShardCatalog, rows_refs: list[Any]) -> int:
+        """Encode this shard of a catalog (rows fetched from the object store, a chunk per
+        ref)."""
+        rows: list[RowArray] = ray.get(rows_refs)
         self._shard.load_catalog(catalog.name, catalog.plan, rows, catalog.budget)
         return len(rows)
 
     def derive(
         self,
         catalog: _ShardCatalog,
-        rows_ref: list[Any],
+        rows_refs: list[Any],
         base: str,
         count: int,
         changed: dict[int, RowArray],
@@ -150,14 +154,18 @@ class ShardActor:
         if self._shard.holds_catalog(base):
             self._shard.derive_catalog(catalog.name, base, count, changed)
         else:
-            self.load(catalog, rows_ref)
+            self.load(catalog, rows_refs)
 
     def score(
-        self, catalog: _ShardCatalog, rows_ref: list[Any], query: ShardQuery, keys_ref: list[Any]
+        self,
+        catalog: _ShardCatalog,
+        rows_refs: list[Any],
+        query: ShardQuery,
+        keys_ref: list[Any],
     ) -> Iterator[list[bytes]]:
         """Stream this shard's score ciphertexts (one per query) chunk by chunk, in order."""
         if not self._shard.holds_catalog(catalog.name):  # restarted since it was loaded
-            self.load(catalog, rows_ref)
+            self.load(catalog, rows_refs)
         if not self._shard.holds_keys(query.key_id):
             self._shard.add_keys(query.key_id, ray.get(keys_ref[0]))
         yield from self._shard.answer(query)
@@ -292,52 +300,72 @@ class RayBackend:
         total = plan.chunk_count(len(embeddings))
         budget = self._budget.take(self.params, plan, total, name)
         shard_rows = tuple(
-            ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
+            tuple(
+                ray.put(rows)
+                for rows in plan.chunk_rows(
+                    embeddings, shard_chunks(shard, self.shard_count, total)
+                )
+            )
             for shard in range(self.shard_count)
         )
         shard = _ShardCatalog(name, plan, budget)
         pending = [
-            actor.load.remote(shard, [rows])
+            actor.load.remote(shard, list(rows))
             for actor, rows in zip(self._actors, shard_rows, strict=True)
         ]
         done = 0
-        while pending:
-            finished, pending = ray.wait(pending, num_returns=1)
-            done += int(ray.get(finished[0]))
-            if progress is not None:
-                progress(done, total)
+        with self._shard_failures("while encoding a catalog"):
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1)
+                done += int(ray.get(finished[0]))
+                if progress is not None:
+                    progress(done, total)
         self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
 
     def update_catalog(
         self, name: str, base: str, plan: DiagonalPlan, embeddings: Rows, chunks: Sequence[int]
     ) -> None:
-        """Each actor derives its shard of `name` from its shard of `base`. The new
-        version's rows go to the object store whole, as a catalog's do: an actor Ray
-        restarts later rebuilds its shard from them."""
+        """Each actor derives its shard of `name` from its shard of `base`. Only the
+        rewritten chunks' rows go to the object store; the others' refs are `base`'s. An
+        actor Ray restarts later rebuilds its shard from them."""
         total = plan.chunk_count(len(embeddings))
-        shard_rows = tuple(
-            ray.put(plan.chunk_rows(embeddings, shard_chunks(shard, self.shard_count, total)))
-            for shard in range(self.shard_count)
-        )
-        shard = _ShardCatalog(name, plan, self._catalogs[base].shard.budget)
+        held = self._catalogs[base]
+        shard = _ShardCatalog(name, plan, held.shard.budget)
+        shard_rows = []
         pending = []
-        for index, (actor, rows) in enumerate(zip(self._actors, shard_rows, strict=True)):
+        for index, actor in enumerate(self._actors):
             count, changed = shard_changes(index, self.shard_count, plan, embeddings, chunks)
-            pending.append(actor.derive.remote(shard, [rows], base, count, dict(changed)))
-        try:
+            refs = [
+                ray.put(changed[position])
+                if position in changed
+                else held.shard_rows[index][position]
+                for position in range(count)
+            ]
+            shard_rows.append(tuple(refs))
+            pending.append(actor.derive.remote(shard, refs, base, count, dict(changed)))
+        with self._shard_failures("during a catalog update"):
             ray.get(pending)
+        self._budget.inherit(name, base)
+        self._catalogs[name] = _RayCatalog(shard, total, tuple(shard_rows))
+
+    @contextlib.contextmanager
+    def _shard_failures(self, when: str) -> Iterator[None]:
+        """An actor lost while encoding, as the ShardUnavailableError the Scorer reports
+        (the change fails and changes nothing); Ray's own text stays in the log."""
+        try:
+            yield
         except _ACTOR_FAILURES as exc:
             self._failed = True
-            log.warning("a Ray shard failed during a catalog update (%s)", _cause(exc))
-            raise ShardUnavailableError("a shard failed during the catalog update") from None
-        self._budget.inherit(name, base)
-        self._catalogs[name] = _RayCatalog(shard, total, shard_rows)
+            log.warning("a Ray shard failed %s (%s)", when, _cause(exc))
+            raise ShardUnavailableError(f"a shard failed {when}") from None
 
     def remove_catalog(self, name: str) -> None:
-        if self._catalogs.pop(name, None) is not None:
-            self._budget.release(name)
-            for actor in self._actors:
-                actor.remove_catalog.remote(name)
+        """Drop a catalog's chunks, also one whose encoding failed part way (some actors
+        may hold their shard of it, and its budget was taken)."""
+        self._catalogs.pop(name, None)
+        self._budget.release(name)
+        for actor in self._actors:
+            actor.remove_catalog.remote(name)
 
     def score(self, call: ScoreCall) -> Iterator[list[bytes]]:
         return self._stream(call, self._catalogs[call.catalog].total, None)
@@ -367,7 +395,7 @@ class RayBackend:
             part = None if rows is None else tuple(rows[i] for i in indices)
             blobs = tuple(query.blob for query in call.queries)
             query = ShardQuery(call.catalog, call.key_id, blobs, rows=part)
-            streams.append(actor.score.remote(catalog.shard, [catalog_rows], query, [key_ref]))
+            streams.append(actor.score.remote(catalog.shard, list(catalog_rows), query, [key_ref]))
         try:
             for index in range(total):
                 yield ray.get(next(streams[index % self.shard_count]))
