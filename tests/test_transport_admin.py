@@ -27,6 +27,7 @@ from heserve.ops import config
 from heserve.ops.cli import reload_catalogs
 from heserve.protocol.params import DEFAULT_PARAMETERS
 from heserve.protocol.reasons import CATALOG_VERSION_CHANGED
+from heserve.transport.admin import change_outcome, change_outcome_name
 from heserve.transport.auth import ADMIN_PREFIX, Authenticator, TokenError
 from heserve.transport.interceptors import MAX_METADATA_BYTES
 from heserve.transport.server import AdminConfig, OneAtATime, RunningServer, start_server
@@ -436,3 +437,12 @@ def test_an_admin_call_with_oversized_metadata_is_refused_and_changes_nothing(
         )
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert scorer.catalog("shop") is before
+
+
+def test_every_catalog_change_outcome_round_trips_by_its_name() -> None:
+    for name in ("updated", "replaced", "unchanged", "failed"):
+        assert change_outcome_name(change_outcome(name)) == name
+    values = apb.CatalogChangeOutcome.values()
+    assert {change_outcome_name(v) for v in values} >= {"updated", "replaced", "unchanged"}
+    assert change_outcome("no such outcome") == apb.CATALOG_CHANGE_OUTCOME_UNSPECIFIED
+    assert change_outcome_name(99) == "outcome 99"

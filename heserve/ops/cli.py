@@ -40,6 +40,7 @@ from heserve.ops import config, logs
 from heserve.ops.progress import ProgressBar
 from heserve.protocol.params import PRESETS, CkksParameters
 from heserve.protocol.pem import read_pem
+from heserve.transport.admin import change_outcome_name
 from heserve.transport.auth import ADMIN_PREFIX, Authenticator, QueryBudget, parse_tokens
 from heserve.transport.bridge import CallLimits
 from heserve.transport.server import (
@@ -491,12 +492,6 @@ def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
 
 _ADMIN_TIMEOUT_SECONDS = 600.0  # a reload re-encodes every changed catalog (~12 s a million rows)
 _MESSAGE_MARGIN_BYTES = 64 << 10  # what an UpdateItems batch leaves of the message limit
-_OUTCOME_NAMES = {
-    admin_pb2.CATALOG_CHANGE_OUTCOME_UPDATED: "updated",
-    admin_pb2.CATALOG_CHANGE_OUTCOME_REPLACED: "replaced",
-    admin_pb2.CATALOG_CHANGE_OUTCOME_UNCHANGED: "unchanged",
-    admin_pb2.CATALOG_CHANGE_OUTCOME_FAILED: "failed",
-}
 
 
 def _admin_token(path: Path | None) -> str:
@@ -574,7 +569,7 @@ def _admin_errors(server: str) -> Iterator[None]:
 
 def _describe_change(change: admin_pb2.CatalogChange) -> str:
     """One line for a CatalogChange message: catalog, outcome, versions, counts, seconds."""
-    outcome = _OUTCOME_NAMES.get(change.outcome, f"outcome {change.outcome}")
+    outcome = change_outcome_name(change.outcome)
     if outcome == "failed":
         return (
             f"{change.catalog}: failed, version {change.version} still served "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from typing import cast
 
 import grpc
 import numpy as np
@@ -33,19 +34,34 @@ from heserve.transport.context import current_caller
 from heserve.transport.servicer import abort_on_service_error
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["CatalogAdminService"].full_name
-_OUTCOMES = {
-    "updated": admin_pb.CATALOG_CHANGE_OUTCOME_UPDATED,
-    "replaced": admin_pb.CATALOG_CHANGE_OUTCOME_REPLACED,
-    "unchanged": admin_pb.CATALOG_CHANGE_OUTCOME_UNCHANGED,
-    "failed": admin_pb.CATALOG_CHANGE_OUTCOME_FAILED,
-}
+
+
+_OUTCOME_PREFIX = "CATALOG_CHANGE_OUTCOME_"
+
+
+def change_outcome(name: str) -> admin_pb.CatalogChangeOutcome:
+    """The CatalogChangeOutcome of an outcome's name ("updated" →
+    CATALOG_CHANGE_OUTCOME_UPDATED): the proto's enum is the one list of outcomes."""
+    try:
+        value = admin_pb.CatalogChangeOutcome.Value(_OUTCOME_PREFIX + name.upper())
+        return cast("admin_pb.CatalogChangeOutcome", value)  # the stubs say int
+    except ValueError:
+        return admin_pb.CATALOG_CHANGE_OUTCOME_UNSPECIFIED
+
+
+def change_outcome_name(value: int) -> str:
+    """An outcome's name ("updated") from its CatalogChangeOutcome value."""
+    try:
+        return str(admin_pb.CatalogChangeOutcome.Name(value)).removeprefix(_OUTCOME_PREFIX).lower()
+    except ValueError:
+        return f"outcome {value}"
 
 
 def change_to_message(change: CatalogChange) -> admin_pb.CatalogChange:
     """A CatalogChange as the admin service answers it: every field by its name, the
     outcome as its enum value."""
     values = {field.name: getattr(change, field.name) for field in fields(change)}
-    outcome = _OUTCOMES.get(values.pop("outcome"), admin_pb.CATALOG_CHANGE_OUTCOME_UNSPECIFIED)
+    outcome = change_outcome(values.pop("outcome"))
     return admin_pb.CatalogChange(outcome=outcome, **values)
 
 
