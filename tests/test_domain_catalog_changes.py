@@ -101,6 +101,9 @@ def test_popularity_follows_its_item() -> None:
     values = dict(zip(after.ids, after.popularity, strict=True))
     assert values["i2"] == 20.0 and values["fresh"] == 30.0 and values["i9"] == 9.0
     assert "i4" not in values
+    deleted = changed_catalog(base, [], np.empty((0, DIMENSION)), ["i3"]).catalog
+    assert deleted.popularity is not None and "i3" not in deleted.ids  # deletes need none
+    assert dict(zip(deleted.ids, deleted.popularity, strict=True))["i9"] == 9.0
     with pytest.raises(CatalogError, match="one value per upserted item"):
         changed_catalog(base, ["i2"], unit_rows(1, DIMENSION, 6))
     with pytest.raises(CatalogError, match="publishes no popularity"):

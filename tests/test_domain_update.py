@@ -6,6 +6,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from heserve.backends.pool import PoolBackend
 from heserve.domain.catalog import Catalog, unit_rows
 from heserve.domain.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -233,3 +235,19 @@ def test_an_update_of_every_chunk_reaches_the_workers_in_batches_and_scores_righ
         _assert_scores_by_id(scorer, secret, key_id, expected)
     finally:
         scorer.backend.close()
+
+
+def test_a_change_encoded_past_the_callers_deadline_is_dropped_not_served(
+    scorer: Scorer, secret: SecretContext
+) -> None:
+    before = scorer.catalog("shop")
+    with pytest.raises(DeadlineExceededError, match="nothing changed"):
+        scorer.update_items(
+            "shop", ["s1"], unit_rows(1, DIMENSION, 30), deadline=time.monotonic() - 1
+        )
+    assert scorer.catalog("shop") is before and scorer.reloads == 0
+    assert scorer.change_counts[("shop", "update", "failed")] == 1
+    change = scorer.update_items(
+        "shop", ["s1"], unit_rows(1, DIMENSION, 30), deadline=time.monotonic() + 600
+    )
+    assert change.previous_version == before.catalog.version

@@ -95,3 +95,30 @@ def test_sighup_serves_the_changed_file_and_a_broken_one_changes_nothing(
             client.score(vector, catalog="shop"), changed @ vector, rtol=0, atol=1e-4
         )
     assert process.poll() is None  # still serving
+
+
+def test_sighup_to_a_server_without_catalog_files_is_logged_and_it_serves_on(
+    tmp_path: Path,
+) -> None:
+    """The demo catalog has no file to read again: SIGHUP (a routine `systemctl reload`)
+    must not end the server, as the signal's default action would."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--log-format", "json"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        _lines_until(process.stderr, "listening")
+        process.send_signal(signal.SIGHUP)
+        records = _lines_until(process.stderr, "nothing to reload")
+        assert records[-1]["level"] == "WARNING"
+        with Client(f"127.0.0.1:{port}") as client:
+            assert len(client.recommend(unit_rows(1, 64, seed=95)[0], k=3, catalog="demo")) == 3
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=TIMEOUT)
+        process.stderr.close()

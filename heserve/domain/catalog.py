@@ -233,9 +233,15 @@ def changed_catalog(
         if popularity is not None:
             raise CatalogError(f"catalog {name!r} publishes no popularity; send none")
     else:
-        if popularity is None or len(popularity) != len(upsert_ids):
+        if popularity is None and upsert_ids:
             raise CatalogError(
                 f"catalog {name!r} publishes a popularity order: send one value per upserted item"
+            )
+        popularity = popularity or ()  # a change that only deletes needs none
+        if len(popularity) != len(upsert_ids):
+            raise CatalogError(
+                f"catalog {name!r}: {len(popularity)} popularity values for "
+                f"{len(upsert_ids)} upserted items"
             )
         if not all(math.isfinite(float(value)) for value in popularity):
             raise CatalogError(f"catalog {name!r}: popularity holds NaN or infinity")
@@ -300,11 +306,11 @@ def changed_catalog(
 
 
 def _check_ids(name: str, ids: Sequence[str], what: str) -> None:
-    for item in ids:
+    for position, item in enumerate(ids):
         if not item or len(item.encode()) > MAX_ID_BYTES:
             raise CatalogError(
-                f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
-                f"an {what} id has {len(item.encode())}"
+                f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; {what} id "
+                f"{position} (0-based) has {len(item.encode())}"
             )
     repeated = repeated_rows(ids)
     if repeated is not None:

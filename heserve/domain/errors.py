@@ -51,6 +51,12 @@ class FailedPreconditionError(ServiceError):
     status = "FAILED_PRECONDITION"
 
 
+class DeadlineExceededError(ServiceError):
+    """The call's deadline passed before its work took effect; nothing changed."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class InternalError(ServiceError):
     """The server failed, not the request: the caller learns no more than that."""
 

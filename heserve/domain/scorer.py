@@ -31,6 +31,7 @@ from heserve.backends.base import (
 from heserve.backends.local import LocalBackend
 from heserve.domain.catalog import Catalog, CatalogError, UnknownItemError, changed_catalog
 from heserve.domain.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
@@ -399,6 +400,7 @@ class Scorer:
         delete_ids: Sequence[str] = (),
         popularity: Sequence[float] | None = None,
         if_version: str = "",
+        deadline: float | None = None,
     ) -> CatalogChange:
         """Upsert and delete items by id: a new version of the catalog, visible to
         queries when this returns, that re-encodes only the chunks the change touches
@@ -406,7 +408,10 @@ class Scorer:
         fails its checks, or a shard that fails while encoding it, leaves the served
         version as it was. `if_version` (when set) must be the served version, so that
         two writers cannot overwrite each other unknowingly. Queries already running
-        finish on the version they started on, as with a reload.
+        finish on the version they started on, as with a reload. `deadline`
+        (time.monotonic()) is the caller's: a change encoded after it is dropped, not
+        served (DEADLINE_EXCEEDED), so that a caller who gave up is not told of a failure
+        that in fact took effect.
         """
         started = time.monotonic()
         named = len(upsert_ids) + len(delete_ids)
@@ -448,6 +453,7 @@ class Scorer:
                         lambda: self.backend.update_catalog(
                             entry.key, old.key, old.plan, changes.catalog.rows, chunks
                         ),
+                        deadline,
                     )
                 except ShardUnavailableError as exc:
                     raise UnavailableError(f"{exc}; nothing changed, retry the update") from None
@@ -548,13 +554,23 @@ class Scorer:
             )
 
     def _encode_then_swap(
-        self, old: ServedCatalog, entry: ServedCatalog, encode: Callable[[], None]
+        self,
+        old: ServedCatalog,
+        entry: ServedCatalog,
+        encode: Callable[[], None],
+        deadline: float | None = None,
     ) -> None:
         """Have the backend hold `entry`'s chunks (`encode`), then serve it instead of
-        `old` at once. A failure while encoding drops what was made and serves `old` on;
-        `old`'s chunks go when the last query that started on it ends."""
+        `old` at once. A failure while encoding, or a `deadline` (time.monotonic()) that
+        passed meanwhile, drops what was made and serves `old` on; `old`'s chunks go when
+        the last query that started on it ends."""
         try:
             encode()
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceededError(
+                    "the call's deadline passed while the change was encoded: nothing "
+                    "changed; allow more time (a change rewrites whole chunks)"
+                )
         except BaseException:
             self.backend.remove_catalog(entry.key)
             raise

@@ -31,7 +31,7 @@ from heserve.domain.errors import (
 from heserve.domain.scorer import CatalogChange, Scorer
 from heserve.transport.auth import ADMIN_PREFIX, UnauthenticatedError
 from heserve.transport.context import current_caller
-from heserve.transport.servicer import abort_on_service_error
+from heserve.transport.servicer import abort_on_service_error, call_deadline
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["CatalogAdminService"].full_name
 
@@ -135,5 +135,6 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
             list(request.delete_ids),
             popularity=[item.popularity for item in request.upserts] if with_popularity else None,
             if_version=request.if_version,
+            deadline=call_deadline(context),
         )
         return admin_pb.UpdateItemsResponse(change=change_to_message(change))

@@ -404,24 +404,28 @@ def serve_until_signalled(
 ) -> None:
     """Block until SIGTERM or SIGINT, then shut down gracefully. With `on_reload`, each
     SIGHUP runs it in a thread of its own, while the server serves; it is the same
-    `OneAtATime` the admin service reloads with, so one reload runs at a time."""
+    `OneAtATime` the admin service reloads with, so one reload runs at a time. Without
+    it (no catalog files: the demo catalog), a SIGHUP is logged and changes nothing: a
+    routine `systemctl reload` must not end the server, as SIGHUP's default would."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received signal %d, shutting down", signum)
         stop.set()
 
-    def reload() -> None:
-        assert on_reload is not None
-        on_reload()
-
     def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if on_reload is None:
+            log.warning(
+                "received SIGHUP: nothing to reload (the server was started without "
+                "catalog files); still serving"
+            )
+            return
         log.info("received SIGHUP: reloading the catalogs")
-        threading.Thread(target=reload, name="heserve-reload", daemon=True).start()
+        threading.Thread(target=on_reload, name="heserve-reload", daemon=True).start()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    if on_reload is not None:
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         stop.wait()
     finally:

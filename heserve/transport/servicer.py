@@ -108,7 +108,7 @@ def _catalog_info(entry: ServedCatalog) -> CatalogInfo:
     )
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+def call_deadline(context: grpc.ServicerContext) -> float | None:
     """The call's deadline as a time.monotonic() value, None without one."""
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e8:  # gRPC reports "none" as centuries
@@ -238,7 +238,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):  # type: ignore[misc]  # 
             request.catalog_version,
             request.complex_scores,
             list(request.more_queries),
-            _deadline(context),
+            call_deadline(context),
         )
         # Between responses (each computed, or the second half of a split result),
         # look at the call: stop once the client has gone or the deadline passed.
