@@ -169,6 +169,30 @@ def test_admin_update_needs_something_to_change(served: tuple[str, Path]) -> Non
     assert result.returncode == 2 and "nothing to change" in result.stderr
 
 
+def test_admin_update_refuses_what_would_change_the_wrong_items(
+    served: tuple[str, Path],
+) -> None:
+    """Refused before any call (exit 2), the catalog unchanged: an .npy without --ids
+    (its row numbers would overwrite items '0', '1', ...), an empty id to delete, a token
+    file that is not there."""
+    target, folder = served
+    with Client(target, token=API_TOKEN) as client:
+        version = client.catalog("shop").version
+    np.save(folder / "rows.npy", unit_rows(2, DIMENSION, seed=40))
+    no_ids = _admin(
+        folder, "update", "--server", target, "--catalog", "shop", "--upsert", "rows.npy"
+    )
+    assert no_ids.returncode == 2 and "--ids" in no_ids.stderr
+    empty = _admin(folder, "update", "--server", target, "--catalog", "shop", "--delete", "")
+    assert empty.returncode == 2 and "empty id" in empty.stderr
+    missing = run_cli(
+        folder, "admin", "reload", "--server", target, "--admin-token-file", "nowhere.txt"
+    )
+    assert missing.returncode == 2 and "--admin-token-file nowhere.txt" in missing.stderr
+    with Client(target, token=API_TOKEN) as client:
+        assert client.catalog("shop").version == version
+
+
 def test_admin_against_a_server_without_admin_tokens_says_how_to_turn_it_on(
     tmp_path: Path,
 ) -> None:

@@ -7,6 +7,7 @@ client can tell when the ids it cached went stale.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -419,7 +420,8 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
         if ids_path is not None:
             raise CatalogError(f"{path}: a .parquet carries its own ids; drop the ids file")
         read = parquet.read_parquet(*parquet_source)
-        return Catalog(name, read.embeddings, read.ids, read.popularity)
+        with _named(path):
+            return Catalog(name, read.embeddings, read.ids, read.popularity)
     try:
         if path.suffix == ".npz":
             if ids_path is not None:
@@ -450,7 +452,17 @@ def load_catalog(name: str, path: Path, ids_path: Path | None = None) -> Catalog
         if isinstance(exc, CatalogError):
             raise
         raise CatalogError(f"{path}: {exc}{_hint(exc)}") from None
-    return Catalog(name, embeddings, ids, popularity)
+    with _named(path):
+        return Catalog(name, embeddings, ids, popularity)
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """A catalog's own error (NaN, a norm, a repeated id) naming the file it came from."""
+    try:
+        yield
+    except CatalogError as exc:
+        raise CatalogError(f"{path}: {exc}") from None
 
 
 _OBJECT_ARRAY_HINT = (

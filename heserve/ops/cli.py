@@ -498,17 +498,22 @@ def _admin_token(path: Path | None) -> str:
     """The admin token in `path` (its first entry, as in the server's admin tokens file),
     else the HESERVE_ADMIN_TOKEN variable; one is needed."""
     if path is not None:
-        entries = parse_tokens(path.read_text(), str(path))
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise config.ConfigError(f"--admin-token-file {path}: {exc.strerror}") from None
+        entries = parse_tokens(text, str(path))
         if not entries:
-            raise ValueError(f"{path} holds no token")
+            raise config.ConfigError(f"--admin-token-file {path} holds no token")
         return entries[0][1]
-    token = os.environ.get("HESERVE_ADMIN_TOKEN", "").strip()
-    if not token:
+    value = os.environ.get("HESERVE_ADMIN_TOKEN", "").strip()
+    if not value:
         raise config.ConfigError(
             "the admin service needs an admin token: --admin-token-file PATH, or the "
             "HESERVE_ADMIN_TOKEN variable"
         )
-    return token
+    # one entry as the admin tokens file holds it: TOKEN, or NAME:TOKEN copied from it
+    return parse_tokens(value, "HESERVE_ADMIN_TOKEN")[0][1]
 
 
 def _admin_channel(args: argparse.Namespace) -> Any:
@@ -658,6 +663,13 @@ def cmd_admin_update(args: argparse.Namespace, settings: config.Settings) -> int
         raise config.ConfigError("nothing to change: give --upsert FILE, --delete or --delete-file")
     if args.ids is not None and args.upsert is None:
         raise config.ConfigError("--ids names the ids of an --upsert .npy file")
+    if args.upsert is not None and args.upsert.suffix == ".npy" and args.ids is None:
+        raise config.ConfigError(
+            f"--upsert {args.upsert}: an .npy holds no ids; give --ids FILE (one id a line), "
+            "or the rows' numbers would overwrite the items named '0', '1', ..."
+        )
+    if any(not item.strip() for item in deletes):
+        raise config.ConfigError("an empty id to --delete (or a blank line in --delete-file)")
     # the same loader and checks as the server's catalog files (ids, finite, norm <= 1)
     upserts = None if args.upsert is None else load_catalog(args.catalog, args.upsert, args.ids)
     token = _admin_token(args.admin_token_file)
