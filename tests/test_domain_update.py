@@ -6,6 +6,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -251,3 +252,20 @@ def test_a_change_encoded_past_the_callers_deadline_is_dropped_not_served(
         "shop", ["s1"], unit_rows(1, DIMENSION, 30), deadline=time.monotonic() + 600
     )
     assert change.previous_version == before.catalog.version
+
+
+def test_a_reload_serves_the_source_and_says_the_updates_since_are_gone(
+    scorer: Scorer, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = scorer.catalog("shop").catalog
+    scorer.update_items("shop", ["s1"], unit_rows(1, DIMENSION, 40))
+    scorer.update_items("shop", [], np.empty((0, DIMENSION)), ["s2"])
+    with caplog.at_level(logging.WARNING, logger="heserve.domain.scorer"):
+        change = scorer.reload("shop", lambda: source)
+    assert change.outcome == "replaced" and change.version == source.version
+    assert "s2" in scorer.catalog("shop").catalog.ids
+    assert any("2 update(s)" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heserve.domain.scorer"):
+        assert scorer.reload("shop", lambda: source).outcome == "unchanged"
+    assert not caplog.records

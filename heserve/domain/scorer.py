@@ -143,6 +143,9 @@ class ServedCatalog:
 
     catalog: Catalog
     plan: DiagonalPlan
+    updates: int = 0
+    """Updates (update_items) made since the catalog was read from its source: they live
+    in memory only, and a reload (or a restart) serves the source without them."""
 
     @property
     def key(self) -> str:
@@ -440,7 +443,7 @@ class Scorer:
                     raise NotFoundError(str(exc)) from None
                 except CatalogError as exc:
                     raise InvalidArgumentError(str(exc)) from None
-                entry = ServedCatalog(changes.catalog, old.plan)
+                entry = ServedCatalog(changes.catalog, old.plan, old.updates + 1)
                 total = old.plan.chunk_count(changes.catalog.item_count)
                 chunks = sorted(
                     {int(row) // old.plan.items_per_chunk for row in changes.changed_rows}
@@ -500,6 +503,14 @@ class Scorer:
             if catalog.name != catalog_name:
                 raise ValueError(f"the source of {catalog_name!r} loaded {catalog.name!r}")
             if self.replace_catalog(catalog):
+                if served.updates:
+                    log.warning(
+                        "catalog %s: the reload served its source, which does not hold the "
+                        "%d update(s) made through the admin service since it was read; "
+                        "write changes to the source too if they must last",
+                        catalog_name,
+                        served.updates,
+                    )
                 entry = self.catalog(catalog_name)
                 total = entry.plan.chunk_count(catalog.item_count)
                 change = replace(

@@ -84,7 +84,11 @@ class CatalogAdminServiceServicer:
         change into several calls, each with the version the last returned as
         if_version;
         - FAILED_PRECONDITION (reason CATALOG_VERSION_CHANGED): if_version is set
-        and is not the version served.
+        and is not the version served;
+        - DEADLINE_EXCEEDED: the call's deadline passed before the change was
+        served; the server drops it. (As with any RPC, the deadline can also pass
+        in the instant between the swap and the answer: a caller who retries
+        with if_version set cannot apply a change twice.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
