@@ -86,6 +86,14 @@ def test_admin_update_upserts_and_deletes_and_the_client_sees_it(
     expected = np.array([rows[item_id] for item_id in ids], dtype=np.float64) @ vector
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
 
+    listed = _admin(folder, "catalogs", "--server", target)
+    assert listed.returncode == 0, listed.stderr
+    version = line.split(" -> ")[1].split(" ")[0]  # "old -> new (...)": the new one
+    assert listed.stdout.splitlines() == [
+        f"shop: version {version}, {ITEMS:,} items × {DIMENSION}, 1 chunks, "
+        "1 update(s) not in its file"
+    ]
+
 
 def test_admin_update_splits_a_change_larger_than_a_message_into_calls(
     served: tuple[str, Path],

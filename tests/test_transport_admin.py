@@ -152,6 +152,7 @@ def test_the_admin_service_is_refused_without_an_admin_token_and_nothing_changes
     for method, message in (
         (admin_stub.UpdateItems, request),
         (admin_stub.ReloadCatalogs, apb.ReloadCatalogsRequest()),
+        (admin_stub.ListCatalogs, apb.ListCatalogsRequest()),
     ):
         with pytest.raises(grpc.RpcError) as refused:
             method(message, timeout=TIMEOUT, metadata=metadata)
@@ -446,3 +447,27 @@ def test_every_catalog_change_outcome_round_trips_by_its_name() -> None:
     assert {change_outcome_name(v) for v in values} >= {"updated", "replaced", "unchanged"}
     assert change_outcome("no such outcome") == apb.CATALOG_CHANGE_OUTCOME_UNSPECIFIED
     assert change_outcome_name(99) == "outcome 99"
+
+
+def test_list_catalogs_gives_the_version_an_update_compares_with(
+    served: tuple[Scorer, RunningServer], admin_stub: apb_grpc.CatalogAdminServiceStub
+) -> None:
+    scorer, _ = served
+    metadata = _bearer(ADMIN_TOKEN)
+    (state,) = admin_stub.ListCatalogs(
+        apb.ListCatalogsRequest(), timeout=TIMEOUT, metadata=metadata
+    ).catalogs
+    served_now = scorer.catalog("shop")
+    assert (state.catalog, state.version, state.item_count, state.dimension) == (
+        "shop",
+        served_now.catalog.version,
+        ITEMS,
+        DIMENSION,
+    )
+    assert state.chunk_count == 1 and state.updates_since_source == 0
+    change = _update(admin_stub, delete_ids=["shop-3"], if_version=state.version).change
+    (state,) = admin_stub.ListCatalogs(
+        apb.ListCatalogsRequest(), timeout=TIMEOUT, metadata=metadata
+    ).catalogs
+    assert (state.version, state.item_count) == (change.version, ITEMS - 1)
+    assert state.updates_since_source == 1

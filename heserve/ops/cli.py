@@ -609,6 +609,24 @@ def cmd_admin_reload(args: argparse.Namespace, settings: config.Settings) -> int
     return EXIT_FAILED if failed else 0
 
 
+def cmd_admin_catalogs(args: argparse.Namespace, settings: config.Settings) -> int:
+    """The served catalogs, one line each: version, size, updates not in their file."""
+    metadata = (("authorization", f"Bearer {_admin_token(args.admin_token_file)}"),)
+    with _admin_channel(args) as channel, _admin_errors(args.server):
+        reply = admin_pb2_grpc.CatalogAdminServiceStub(channel).ListCatalogs(
+            admin_pb2.ListCatalogsRequest(), timeout=args.timeout, metadata=metadata
+        )
+    for state in reply.catalogs:
+        line = (
+            f"{state.catalog}: version {state.version}, {state.item_count:,} items × "
+            f"{state.dimension}, {state.chunk_count} chunks"
+        )
+        if state.updates_since_source:
+            line += f", {state.updates_since_source} update(s) not in its file"
+        print(line)
+    return 0
+
+
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines, stripped (a file of ids, one a line)."""
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -873,6 +891,21 @@ def _add_admin_commands(
     )
     _add_admin_connection(reload)
 
+    catalogs = _command(
+        verbs,
+        "catalogs",
+        cmd_admin_catalogs,
+        config.RECOMMEND,
+        "list the served catalogs and their versions",
+    )
+    catalogs.description = (
+        "List the catalogs the server serves, one line each: the version (what "
+        "`heserve admin update --if-version` compares with), items, dimension, chunks, "
+        "and the updates made since the catalog's file was read (a reload or a restart "
+        "serves the file without them)."
+    )
+    _add_admin_connection(catalogs)
+
     update = _command(
         verbs,
         "update",
@@ -913,8 +946,8 @@ def _add_admin_commands(
     update.add_argument(
         "--if-version",
         metavar="VERSION",
-        help="change only if the catalog is at this version (see ListCatalogs); else "
-        "nothing changes and the command fails",
+        help="change only if the catalog is at this version (see `heserve admin "
+        "catalogs`); else nothing changes and the command fails",
     )
 
 

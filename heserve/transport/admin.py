@@ -96,6 +96,25 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
         )
 
     @abort_on_service_error
+    def ListCatalogs(
+        self, request: admin_pb.ListCatalogsRequest, context: grpc.ServicerContext
+    ) -> admin_pb.ListCatalogsResponse:
+        _check_admin()
+        return admin_pb.ListCatalogsResponse(
+            catalogs=[
+                admin_pb.CatalogState(
+                    catalog=name,
+                    version=entry.catalog.version,
+                    item_count=entry.catalog.item_count,
+                    dimension=entry.catalog.dimension,
+                    chunk_count=entry.plan.chunk_count(entry.catalog.item_count),
+                    updates_since_source=entry.updates,
+                )
+                for name, entry in self._scorer.catalogs.items()
+            ]
+        )
+
+    @abort_on_service_error
     def UpdateItems(
         self, request: admin_pb.UpdateItemsRequest, context: grpc.ServicerContext
     ) -> admin_pb.UpdateItemsResponse:

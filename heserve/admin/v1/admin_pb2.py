@@ -24,27 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cheserve/admin/v1/admin.proto\x12\x10heserve.admin.v1\"\x17\n\x15ReloadCatalogsRequest\"J\n\x16ReloadCatalogsResponse\x12\x30\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1f.heserve.admin.v1.CatalogChange\"v\n\x12UpdateItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\'\n\x07upserts\x18\x02 \x03(\x0b\x32\x16.heserve.admin.v1.Item\x12\x12\n\ndelete_ids\x18\x03 \x03(\t\x12\x12\n\nif_version\x18\x04 \x01(\t\"M\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x17\n\npopularity\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_popularity\"F\n\x13UpdateItemsResponse\x12/\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1f.heserve.admin.v1.CatalogChange\"\x8a\x02\n\rCatalogChange\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x37\n\x07outcome\x18\x02 \x01(\x0e\x32&.heserve.admin.v1.CatalogChangeOutcome\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x12\n\nitem_count\x18\x05 \x01(\x04\x12\x10\n\x08upserted\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x04\x12\x18\n\x10\x63hunks_rewritten\x18\x08 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\t \x01(\x04\x12\x0f\n\x07seconds\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t*\xd0\x01\n\x14\x43\x61talogChangeOutcome\x12&\n\"CATALOG_CHANGE_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43\x41TALOG_CHANGE_OUTCOME_UPDATED\x10\x01\x12#\n\x1f\x43\x41TALOG_CHANGE_OUTCOME_REPLACED\x10\x02\x12$\n CATALOG_CHANGE_OUTCOME_UNCHANGED\x10\x03\x12!\n\x1d\x43\x41TALOG_CHANGE_OUTCOME_FAILED\x10\x04\x32\xd6\x01\n\x13\x43\x61talogAdminService\x12\x63\n\x0eReloadCatalogs\x12\'.heserve.admin.v1.ReloadCatalogsRequest\x1a(.heserve.admin.v1.ReloadCatalogsResponse\x12Z\n\x0bUpdateItems\x12$.heserve.admin.v1.UpdateItemsRequest\x1a%.heserve.admin.v1.UpdateItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cheserve/admin/v1/admin.proto\x12\x10heserve.admin.v1\"\x15\n\x13ListCatalogsRequest\"H\n\x14ListCatalogsResponse\x12\x30\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1e.heserve.admin.v1.CatalogState\"\x8a\x01\n\x0c\x43\x61talogState\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nitem_count\x18\x03 \x01(\x04\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x04\x12\x1c\n\x14updates_since_source\x18\x06 \x01(\x04\"\x17\n\x15ReloadCatalogsRequest\"J\n\x16ReloadCatalogsResponse\x12\x30\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1f.heserve.admin.v1.CatalogChange\"v\n\x12UpdateItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\'\n\x07upserts\x18\x02 \x03(\x0b\x32\x16.heserve.admin.v1.Item\x12\x12\n\ndelete_ids\x18\x03 \x03(\t\x12\x12\n\nif_version\x18\x04 \x01(\t\"M\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x17\n\npopularity\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_popularity\"F\n\x13UpdateItemsResponse\x12/\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1f.heserve.admin.v1.CatalogChange\"\x8a\x02\n\rCatalogChange\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x37\n\x07outcome\x18\x02 \x01(\x0e\x32&.heserve.admin.v1.CatalogChangeOutcome\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x12\n\nitem_count\x18\x05 \x01(\x04\x12\x10\n\x08upserted\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x04\x12\x18\n\x10\x63hunks_rewritten\x18\x08 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\t \x01(\x04\x12\x0f\n\x07seconds\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t*\xd0\x01\n\x14\x43\x61talogChangeOutcome\x12&\n\"CATALOG_CHANGE_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43\x41TALOG_CHANGE_OUTCOME_UPDATED\x10\x01\x12#\n\x1f\x43\x41TALOG_CHANGE_OUTCOME_REPLACED\x10\x02\x12$\n CATALOG_CHANGE_OUTCOME_UNCHANGED\x10\x03\x12!\n\x1d\x43\x41TALOG_CHANGE_OUTCOME_FAILED\x10\x04\x32\xb5\x02\n\x13\x43\x61talogAdminService\x12\x63\n\x0eReloadCatalogs\x12\'.heserve.admin.v1.ReloadCatalogsRequest\x1a(.heserve.admin.v1.ReloadCatalogsResponse\x12Z\n\x0bUpdateItems\x12$.heserve.admin.v1.UpdateItemsRequest\x1a%.heserve.admin.v1.UpdateItemsResponse\x12]\n\x0cListCatalogs\x12%.heserve.admin.v1.ListCatalogsRequest\x1a&.heserve.admin.v1.ListCatalogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'heserve.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CATALOGCHANGEOUTCOME']._serialized_start=692
-  _globals['_CATALOGCHANGEOUTCOME']._serialized_end=900
-  _globals['_RELOADCATALOGSREQUEST']._serialized_start=50
-  _globals['_RELOADCATALOGSREQUEST']._serialized_end=73
-  _globals['_RELOADCATALOGSRESPONSE']._serialized_start=75
-  _globals['_RELOADCATALOGSRESPONSE']._serialized_end=149
-  _globals['_UPDATEITEMSREQUEST']._serialized_start=151
-  _globals['_UPDATEITEMSREQUEST']._serialized_end=269
-  _globals['_ITEM']._serialized_start=271
-  _globals['_ITEM']._serialized_end=348
-  _globals['_UPDATEITEMSRESPONSE']._serialized_start=350
-  _globals['_UPDATEITEMSRESPONSE']._serialized_end=420
-  _globals['_CATALOGCHANGE']._serialized_start=423
-  _globals['_CATALOGCHANGE']._serialized_end=689
-  _globals['_CATALOGADMINSERVICE']._serialized_start=903
-  _globals['_CATALOGADMINSERVICE']._serialized_end=1117
+  _globals['_CATALOGCHANGEOUTCOME']._serialized_start=930
+  _globals['_CATALOGCHANGEOUTCOME']._serialized_end=1138
+  _globals['_LISTCATALOGSREQUEST']._serialized_start=50
+  _globals['_LISTCATALOGSREQUEST']._serialized_end=71
+  _globals['_LISTCATALOGSRESPONSE']._serialized_start=73
+  _globals['_LISTCATALOGSRESPONSE']._serialized_end=145
+  _globals['_CATALOGSTATE']._serialized_start=148
+  _globals['_CATALOGSTATE']._serialized_end=286
+  _globals['_RELOADCATALOGSREQUEST']._serialized_start=288
+  _globals['_RELOADCATALOGSREQUEST']._serialized_end=311
+  _globals['_RELOADCATALOGSRESPONSE']._serialized_start=313
+  _globals['_RELOADCATALOGSRESPONSE']._serialized_end=387
+  _globals['_UPDATEITEMSREQUEST']._serialized_start=389
+  _globals['_UPDATEITEMSREQUEST']._serialized_end=507
+  _globals['_ITEM']._serialized_start=509
+  _globals['_ITEM']._serialized_end=586
+  _globals['_UPDATEITEMSRESPONSE']._serialized_start=588
+  _globals['_UPDATEITEMSRESPONSE']._serialized_end=658
+  _globals['_CATALOGCHANGE']._serialized_start=661
+  _globals['_CATALOGCHANGE']._serialized_end=927
+  _globals['_CATALOGADMINSERVICE']._serialized_start=1141
+  _globals['_CATALOGADMINSERVICE']._serialized_end=1450
 # @@protoc_insertion_point(module_scope)

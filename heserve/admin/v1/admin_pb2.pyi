@@ -20,6 +20,32 @@ CATALOG_CHANGE_OUTCOME_REPLACED: CatalogChangeOutcome
 CATALOG_CHANGE_OUTCOME_UNCHANGED: CatalogChangeOutcome
 CATALOG_CHANGE_OUTCOME_FAILED: CatalogChangeOutcome
 
+class ListCatalogsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCatalogsResponse(_message.Message):
+    __slots__ = ("catalogs",)
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    catalogs: _containers.RepeatedCompositeFieldContainer[CatalogState]
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[CatalogState, _Mapping]]] = ...) -> None: ...
+
+class CatalogState(_message.Message):
+    __slots__ = ("catalog", "version", "item_count", "dimension", "chunk_count", "updates_since_source")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_SINCE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    version: str
+    item_count: int
+    dimension: int
+    chunk_count: int
+    updates_since_source: int
+    def __init__(self, catalog: _Optional[str] = ..., version: _Optional[str] = ..., item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., chunk_count: _Optional[int] = ..., updates_since_source: _Optional[int] = ...) -> None: ...
+
 class ReloadCatalogsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

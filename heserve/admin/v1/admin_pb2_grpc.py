@@ -45,6 +45,11 @@ class CatalogAdminServiceStub:
                 request_serializer=heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsRequest.SerializeToString,
                 response_deserializer=heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsResponse.FromString,
                 _registered_method=True)
+        self.ListCatalogs = channel.unary_unary(
+                '/heserve.admin.v1.CatalogAdminService/ListCatalogs',
+                request_serializer=heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsRequest.SerializeToString,
+                response_deserializer=heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogAdminServiceServicer:
@@ -94,6 +99,16 @@ class CatalogAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCatalogs(self, request, context):
+        """ListCatalogs says what each catalog serves now: its version (what
+        UpdateItemsRequest.if_version compares with) and how many updates it
+        holds that its file does not. An admin token cannot call the
+        ScoringService's own ListCatalogs, hence this one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +121,11 @@ def add_CatalogAdminServiceServicer_to_server(servicer, server):
                     servicer.UpdateItems,
                     request_deserializer=heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsRequest.FromString,
                     response_serializer=heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsResponse.SerializeToString,
+            ),
+            'ListCatalogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCatalogs,
+                    request_deserializer=heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsRequest.FromString,
+                    response_serializer=heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -163,6 +183,33 @@ class CatalogAdminService:
             '/heserve.admin.v1.CatalogAdminService/UpdateItems',
             heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsRequest.SerializeToString,
             heserve_dot_admin_dot_v1_dot_admin__pb2.UpdateItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCatalogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heserve.admin.v1.CatalogAdminService/ListCatalogs',
+            heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsRequest.SerializeToString,
+            heserve_dot_admin_dot_v1_dot_admin__pb2.ListCatalogsResponse.FromString,
             options,
             channel_credentials,
             insecure,
