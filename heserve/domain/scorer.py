@@ -463,11 +463,12 @@ class Scorer:
                 except ShardFaultError as exc:
                     log.error("a shard failed a catalog update: %s", exc)
                     raise InternalError("a shard failed the update; nothing changed") from None
-        except ServiceError as exc:
-            # counted under a served name only: a metric label is never the caller's input
+        except ServiceError:
+            # Counted under a served name only: a metric label is never the caller's
+            # input. Not logged here: the refusal is the caller's status, which the
+            # transport logs once with the call.
             counted = catalog_name if catalog_name in self.catalogs else ""
             self.change_counts[(counted, "update", "failed")] += 1
-            log.warning("catalog update refused, nothing changed: %s", exc)
             raise
         change = CatalogChange(
             catalog=old.catalog.name,
