@@ -12,6 +12,8 @@ in-process one uses), so neither is parsed twice.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -65,6 +67,15 @@ class ScoreCall:
     deadline: float | None = None
     """time.monotonic() past which the caller no longer waits (None: no deadline): a
     backend waiting for a shard being replaced gives up then, not minutes later."""
+
+
+def return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc's malloc_trim; elsewhere,
+    nothing). After a catalog's chunks or rows are dropped, glibc would otherwise keep
+    the pages of the many blocks it freed (each below its mmap threshold), and the
+    process's resident size, which is what an operator sees, would not come down."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def shard_changes(

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from heserve.backends.base import return_freed_memory
 from heserve.backends.shard import Shard, ShardQuery
 from heserve.he.engine import Engine, Progress, QueryError
 from heserve.he.plan import DiagonalPlan
@@ -122,14 +123,6 @@ class Done(Message):
 Reply = ChunkScored | ChunkEncoded | Failed | Done
 
 
-def _return_freed_memory() -> None:
-    """Give the heap's freed pages back to the system after a batch of rows is encoded:
-    the received rows and SEAL's plaintexts are gone, and glibc would otherwise keep
-    their pages, which the worker's resident size (what an operator sees) counts."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 _PR_SET_NAME = 15  # prctl(2): the calling thread's name, which /proc/PID/comm shows
 _COMM_BYTES = 15  # the kernel keeps 15 bytes of it
 
@@ -190,7 +183,7 @@ def serve_worker(
             continue
         if isinstance(message, RemoveCatalog):
             shard.remove_catalog(message.catalog)
-            _return_freed_memory()
+            return_freed_memory()
             continue
         try:
             _serve(shard, conn, message, cancelled)
@@ -215,7 +208,7 @@ def _serve(
         shard.derive_catalog(
             message.catalog, message.base, message.count, dict(message.changed), message.first > 0
         )
-        _return_freed_memory()
+        return_freed_memory()
         return
     if isinstance(message, LoadShard):
         progress = _progress_to(conn, request_id)
@@ -227,7 +220,7 @@ def _serve(
             progress,
             message.first,
         )
-        _return_freed_memory()
+        return_freed_memory()
         return
     for index, scores in zip(message.indices, shard.answer(message.query), strict=True):
         conn.send(ChunkScored(request_id, index, tuple(scores)))
