@@ -271,3 +271,71 @@ def test_score_responses_are_seal_4_1_uncompressed(target: str, books: Catalog) 
         magic, header_size, major, minor, mode, _, size = SEAL_HEADER.unpack_from(blob)
         assert (magic, header_size, major, minor, size) == (0xA15E, 16, 4, 1, len(blob))
         assert mode in modes
+
+
+_SCORE_ACROSS_A_CHANGE = """
+import { readFileSync } from 'node:fs'
+import { createInterface } from 'node:readline'
+import { HeserveClient } from %(client)s
+
+const [target, vectorFile] = process.argv.slice(2)
+const vector = JSON.parse(readFileSync(vectorFile, 'utf8'))
+const client = await HeserveClient.connect(target)
+const before = await client.score(vector, 'shop')
+console.log(JSON.stringify({ scores: Array.from(before), ids: await client.itemIds('shop') }))
+const lines = createInterface({ input: process.stdin })
+for await (const line of lines) break  // the test changed the catalog
+const after = await client.score(vector, 'shop')
+console.log(JSON.stringify({ scores: Array.from(after), ids: await client.itemIds('shop') }))
+lines.close()
+await client.close()
+"""
+
+
+def test_js_client_reads_a_changed_catalog_again_and_scores_the_new_version(
+    node: str, tmp_path: Path
+) -> None:
+    """The JavaScript client pins the version it read; after an update the server refuses
+    that version (CATALOG_VERSION_CHANGED), and the client reads the catalog again and
+    scores the new one, ids and scores from the same version."""
+    items, dimension = 500, 16
+    rows = np.random.default_rng(61).standard_normal((items, dimension))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    shop = Catalog("shop", rows, tuple(f"p{i}" for i in range(items)))
+    scorer = Scorer(DEFAULT_PARAMETERS, [shop])
+    running = start_server(scorer, "127.0.0.1", 0)
+    vector = rows[3] * 0.5
+    (tmp_path / "user.json").write_text(json.dumps(vector.tolist()))
+    script = tmp_path / "across.mjs"
+    client_url = json.dumps((JS_DIR / "heserve-client.mjs").as_uri())
+    script.write_text(_SCORE_ACROSS_A_CHANGE % {"client": client_url})
+    command = [node, str(script), f"127.0.0.1:{running.port}", str(tmp_path / "user.json")]
+    try:
+        with subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
+            assert process.stdout is not None and process.stdin is not None
+            assert process.stderr is not None
+            line = process.stdout.readline()
+            assert line, process.stderr.read()
+            first = json.loads(line)
+            np.testing.assert_allclose(first["scores"], shop.embeddings @ vector, atol=1e-4)
+
+            fresh = np.random.default_rng(62).standard_normal((2, dimension))
+            fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+            scorer.update_items("shop", ["p3", "new"], fresh, ["p7"])
+            process.stdin.write("changed\n")
+            process.stdin.flush()
+            line = process.stdout.readline()
+            assert line, process.stderr.read()
+            second = json.loads(line)
+            assert process.wait(timeout=NODE_TIMEOUT) == 0, process.stderr.read()
+    finally:
+        running.stop(grace=None)
+    changed = scorer.catalog("shop").catalog
+    assert second["ids"] == list(changed.ids)
+    np.testing.assert_allclose(second["scores"], changed.embeddings @ vector, atol=1e-4)

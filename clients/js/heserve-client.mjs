@@ -22,6 +22,8 @@ const KEY_CHUNK_BYTES = 1 << 20
 const CHANNEL_MESSAGE_BYTES = 16 << 20
 const ERROR_DOMAIN = 'heserve.v1'
 const KEY_NOT_FOUND = 'KEY_NOT_FOUND'
+// The catalog was replaced or updated since this client read it: read it again.
+const CATALOG_VERSION_CHANGED = 'CATALOG_VERSION_CHANGED'
 
 // google.rpc.Status and ErrorInfo, to read the reason the server attaches to an
 // error (grpc-status-details-bin); KEY_NOT_FOUND means "register again".
@@ -571,8 +573,23 @@ export class HeserveClient {
     })
   }
 
-  /** The scores W·u of a catalog, decrypted here, in catalog order. */
+  /**
+   * The scores W·u of a catalog, decrypted here, in catalog order. Each query is pinned
+   * to the catalog version this client read (so scores and ids cannot come from two
+   * versions); if the catalog changed since, the client reads it again and scores the
+   * new version, once.
+   */
   async score(vector, catalog) {
+    try {
+      return await this.#scoreVersion(vector, catalog)
+    } catch (error) {
+      if (error.reason !== CATALOG_VERSION_CHANGED) throw error
+      await this.catalogs()
+      return await this.#scoreVersion(vector, catalog)
+    }
+  }
+
+  async #scoreVersion(vector, catalog) {
     const info = await this.catalog(catalog)
     if (vector.length !== info.dimension) {
       throw new HeserveError(`catalog ${catalog} has dimension ${info.dimension}; got ${vector.length} values`)

@@ -47,6 +47,7 @@ from heserve.transport.server import (
     AdminConfig,
     OneAtATime,
     TlsConfig,
+    handled_signals,
     refuse_shared_tokens,
     serve_until_signalled,
     start_server,
@@ -161,44 +162,47 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
         )
         # SIGHUP and the admin service's ReloadCatalogs: one reload at a time between them
         reload = OneAtATime(lambda: reload_catalogs(scorer, settings)) if settings.catalog else None
-        running = start_server(
-            scorer,
-            settings.host,
-            settings.port,
-            settings.threads,
-            tls=tls,
-            authenticator=authenticator,
-            query_budget=budget,
-            max_concurrent_rpcs=settings.max_concurrent_rpcs or None,
-            metrics_port=settings.metrics_port or None,
-            metrics_host=settings.metrics_host,
-            call_limits=CallLimits(
-                max_calls_per_caller=settings.max_calls_per_caller,
-                max_streams_per_caller=settings.max_streams_per_caller,
-                upload_idle_seconds=settings.upload_idle_seconds,
-                upload_total_seconds=settings.upload_total_seconds,
-            ),
-            admin=None if admin_authenticator is None else AdminConfig(admin_authenticator, reload),
-        )
-        features = [f"preset {settings.preset}", _shards(backend, settings)]
-        if protection.enabled:
-            features.append(
-                f"noise: flood {settings.flood_bits} bits, score std {settings.score_noise_std:g}"
+        # handlers first: a signal sent once the server says it listens must find them
+        with handled_signals(reload) as stop:
+            running = start_server(
+                scorer,
+                settings.host,
+                settings.port,
+                settings.threads,
+                tls=tls,
+                authenticator=authenticator,
+                query_budget=budget,
+                max_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+                metrics_port=settings.metrics_port or None,
+                metrics_host=settings.metrics_host,
+                call_limits=CallLimits(
+                    max_calls_per_caller=settings.max_calls_per_caller,
+                    max_streams_per_caller=settings.max_streams_per_caller,
+                    upload_idle_seconds=settings.upload_idle_seconds,
+                    upload_total_seconds=settings.upload_total_seconds,
+                ),
+                admin=None
+                if admin_authenticator is None
+                else AdminConfig(admin_authenticator, reload),
             )
-        if tls is not None:
-            features.append("mutual TLS" if tls.client_ca else "TLS")
-        if authenticator is not None:
-            features.append(f"{len(authenticator)} API token(s)")
-        if admin_authenticator is not None:
-            features.append(f"admin service: {len(admin_authenticator)} admin token(s)")
-        if running.metrics_port is not None:
-            features.append(f"metrics on {settings.metrics_host}:{running.metrics_port}")
-        print(
-            f"heserve {__version__} serving {len(catalogs)} catalog(s) on "
-            f"{settings.host}:{running.port} ({', '.join(features)})",
-            flush=True,
-        )
-        serve_until_signalled(running, settings.shutdown_grace, on_reload=reload)
+            features = [f"preset {settings.preset}", _shards(backend, settings)]
+            if protection.enabled:
+                noise = f"flood {settings.flood_bits} bits, score std {settings.score_noise_std:g}"
+                features.append(f"noise: {noise}")
+            if tls is not None:
+                features.append("mutual TLS" if tls.client_ca else "TLS")
+            if authenticator is not None:
+                features.append(f"{len(authenticator)} API token(s)")
+            if admin_authenticator is not None:
+                features.append(f"admin service: {len(admin_authenticator)} admin token(s)")
+            if running.metrics_port is not None:
+                features.append(f"metrics on {settings.metrics_host}:{running.metrics_port}")
+            print(
+                f"heserve {__version__} serving {len(catalogs)} catalog(s) on "
+                f"{settings.host}:{running.port} ({', '.join(features)})",
+                flush=True,
+            )
+            serve_until_signalled(running, stop, settings.shutdown_grace)
     finally:
         backend.close()
     return 0

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,16 +397,15 @@ def refuse_shared_tokens(api: Authenticator, admin: Authenticator) -> None:
         )
 
 
-def serve_until_signalled(
-    running: RunningServer,
-    grace: float = 5.0,
-    on_reload: OneAtATime | None = None,
-) -> None:
-    """Block until SIGTERM or SIGINT, then shut down gracefully. With `on_reload`, each
-    SIGHUP runs it in a thread of its own, while the server serves; it is the same
-    `OneAtATime` the admin service reloads with, so one reload runs at a time. Without
-    it (no catalog files: the demo catalog), a SIGHUP is logged and changes nothing: a
-    routine `systemctl reload` must not end the server, as SIGHUP's default would."""
+@contextlib.contextmanager
+def handled_signals(on_reload: OneAtATime | None = None) -> Iterator[threading.Event]:
+    """While inside, SIGTERM and SIGINT set the event yielded (the server is to stop),
+    and each SIGHUP runs `on_reload` in a thread of its own while the server serves; it
+    is the same `OneAtATime` the admin service reloads with, so one reload runs at a
+    time. Without it (no catalog files: the demo catalog), a SIGHUP is logged and
+    changes nothing: a routine `systemctl reload` must not end the server, as SIGHUP's
+    default would. Entered before the server listens, so that a signal sent as soon as
+    it says it listens finds these handlers; the previous ones are restored on exit."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -423,12 +422,20 @@ def serve_until_signalled(
         log.info("received SIGHUP: reloading the catalogs")
         threading.Thread(target=on_reload, name="heserve-reload", daemon=True).start()
 
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
-        stop.wait()
+        yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def serve_until_signalled(
+    running: RunningServer, stop: threading.Event, grace: float = 5.0
+) -> None:
+    """Serve until `stop` is set (see `handled_signals`), then shut down gracefully."""
+    try:
+        stop.wait()
+    finally:
         running.stop(grace)
