@@ -5,6 +5,7 @@ longer loads changes nothing, the reason logged."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -120,5 +121,41 @@ def test_sighup_to_a_server_without_catalog_files_is_logged_and_it_serves_on(
         assert process.poll() is None
     finally:
         process.terminate()
+        process.wait(timeout=TIMEOUT)
+        process.stderr.close()
+
+
+def test_a_hang_up_of_the_whole_process_group_reloads_and_no_worker_dies(
+    tmp_path: Path,
+) -> None:
+    """A terminal's hang-up reaches every process of its group, the workers included: the
+    front reloads, and the workers, which leave SIGHUP to it, serve on (none replaced)."""
+    np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,  # a group of its own, as under a terminal
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        _lines_until(process.stderr, "listening")
+        changed = unit_rows(300, 12, seed=97)
+        np.save(tmp_path / "shop.npy", changed)
+        os.killpg(process.pid, signal.SIGHUP)
+        _lines_until(process.stderr, "replaced")
+        vector = unit_rows(1, 12, seed=98)[0]
+        with Client(f"127.0.0.1:{port}") as client:
+            scores = client.score(vector, catalog="shop")
+        np.testing.assert_allclose(scores, changed @ vector, rtol=0, atol=1e-4)
+        process.terminate()
+        rest = process.stderr.read().splitlines()  # to the end: the server has stopped
+        # every line a JSON record (no multiprocessing warning of a helper that died),
+        # and no worker died or was replaced
+        events = [json.loads(line).get("event") for line in rest]
+        assert "shard_died" not in events and "shard_restarted" not in events, rest
+    finally:
+        process.kill()
         process.wait(timeout=TIMEOUT)
         process.stderr.close()

@@ -87,6 +87,18 @@ class _Worker:
             self.conn.send(message)
 
 
+@contextlib.contextmanager
+def _hang_ups_blocked() -> Iterator[None]:
+    """SIGHUP blocked in this thread while it starts processes, which inherit the mask:
+    a terminal's hang-up reaches its whole process group, and the workers (and
+    multiprocessing's resource tracker) would die of it. The front alone reloads on it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @dataclass(frozen=True)
 class WorkerDied:
     """Put by the front itself to every open request when a worker's pipe closes."""
@@ -158,14 +170,15 @@ class PoolBackend:
 
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
-        cancelled = self._context.RawArray(ctypes.c_int64, CANCELLED_SLOTS)
-        process = self._context.Process(
-            target=serve_worker,
-            args=(back, self.params, cancelled, f"heserve-shard{index}"),
-            name=f"heserve-worker-{index}",
-            daemon=True,
-        )
-        process.start()
+        with _hang_ups_blocked():
+            cancelled = self._context.RawArray(ctypes.c_int64, CANCELLED_SLOTS)
+            process = self._context.Process(
+                target=serve_worker,
+                args=(back, self.params, cancelled, f"heserve-shard{index}"),
+                name=f"heserve-worker-{index}",
+                daemon=True,
+            )
+            process.start()
         back.close()
         worker = _Worker(index, process, front, cancelled)
         threading.Thread(

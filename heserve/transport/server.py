@@ -408,11 +408,17 @@ def handled_signals(on_reload: OneAtATime | None = None) -> Iterator[threading.E
     it says it listens finds these handlers; the previous ones are restored on exit."""
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received signal %d, shutting down", signum)
-        stop.set()
+    # A handler runs in the main thread between two of its bytecodes, maybe in the middle
+    # of its own write to stderr: what it logs, another thread writes (a log call here
+    # would be a reentrant write, which Python refuses).
+    def in_thread(work: Callable[[], object], name: str) -> None:
+        threading.Thread(target=work, name=name, daemon=True).start()
 
-    def on_hangup(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        in_thread(lambda: log.info("received signal %d, shutting down", signum), "heserve-stop")
+
+    def hangup() -> None:
         if on_reload is None:
             log.warning(
                 "received SIGHUP: nothing to reload (the server was started without "
@@ -420,7 +426,10 @@ def handled_signals(on_reload: OneAtATime | None = None) -> Iterator[threading.E
             )
             return
         log.info("received SIGHUP: reloading the catalogs")
-        threading.Thread(target=on_reload, name="heserve-reload", daemon=True).start()
+        on_reload()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        in_thread(hangup, "heserve-reload")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
