@@ -87,12 +87,17 @@ class _Worker:
             self.conn.send(message)
 
 
+_GROUP_SIGNALS = {signal.SIGHUP, signal.SIGINT}
+"""What a terminal sends its whole process group (hang-up, Ctrl-C): the front acts on
+them (a reload; a graceful stop that ends the workers with Stop), its workers never."""
+
+
 @contextlib.contextmanager
-def _hang_ups_blocked() -> Iterator[None]:
-    """SIGHUP blocked in this thread while it starts processes, which inherit the mask:
-    a terminal's hang-up reaches its whole process group, and the workers (and
-    multiprocessing's resource tracker) would die of it. The front alone reloads on it."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+def _group_signals_blocked() -> Iterator[None]:
+    """`_GROUP_SIGNALS` blocked in this thread while it starts processes, which inherit
+    the mask: the workers (and multiprocessing's resource tracker) would otherwise die
+    of a terminal's hang-up or Ctrl-C, and be replaced for nothing."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
     try:
         yield
     finally:
@@ -170,7 +175,7 @@ class PoolBackend:
 
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
-        with _hang_ups_blocked():
+        with _group_signals_blocked():
             cancelled = self._context.RawArray(ctypes.c_int64, CANCELLED_SLOTS)
             process = self._context.Process(
                 target=serve_worker,

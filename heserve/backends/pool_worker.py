@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -171,10 +170,6 @@ def serve_worker(
     """
     if name:
         name_process(name)
-    # A terminal's Ctrl-C reaches the whole process group; the front decides (a graceful
-    # stop, which ends the workers with Stop). A worker that died of it would only be
-    # replaced. (SIGHUP comes blocked from the front: see pool._hang_ups_blocked.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shard = Shard(Engine(params))
     while True:
         try:
