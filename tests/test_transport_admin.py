@@ -471,3 +471,25 @@ def test_list_catalogs_gives_the_version_an_update_compares_with(
     ).catalogs
     assert (state.version, state.item_count) == (change.version, ITEMS - 1)
     assert state.updates_since_source == 1
+
+
+def test_a_server_side_re_ranking_is_answered_by_the_version_served_without_a_retry(
+    served: tuple[Scorer, RunningServer], admin_stub: apb_grpc.CatalogAdminServiceStub
+) -> None:
+    """Candidates are named by id, so a re-ranking needs no pinned version: after an
+    update the client's cached version is stale, and the call is answered at once by the
+    new version (it reads no catalog again), in the order asked."""
+    scorer, running = served
+    user = unit_rows(1, DIMENSION, seed=90)[0]
+    row = unit_rows(1, DIMENSION, seed=91)
+    with Client(f"127.0.0.1:{running.port}", token=API_TOKEN, rerank_locally=False) as client:
+        stale = client.catalog("shop").version
+        client.score(user, catalog="shop", item_ids=["shop-2"])  # keys registered
+        _update(admin_stub, upserts=_items(["shop-4"], row), delete_ids=["shop-9"])
+        assert client.catalog("shop").version == stale  # the client has not looked again
+        scores = client.score(user, catalog="shop", item_ids=["shop-4", "shop-1"])
+        assert client.catalog("shop").version == stale  # ... and did not need to
+    served_now = scorer.catalog("shop").catalog
+    expected = served_now.rows.take(served_now.positions_of(["shop-4", "shop-1"])) @ user
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores[0], row[0].astype(np.float32) @ user, rtol=0, atol=1e-4)

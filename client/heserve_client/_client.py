@@ -699,7 +699,11 @@ class Client:
                 query=batch[0],
                 more_queries=batch[1:],
                 item_ids=list(item_ids or []),
-                catalog_version=info.version,
+                # A whole-catalog score is read by position, so it must come from the
+                # version whose ids this client holds; candidates are named by id and
+                # answered in the request's order by whichever version serves, so a
+                # re-ranking need not fail (and retry) when the catalog changes.
+                catalog_version="" if item_ids else info.version,
                 complex_scores=True,  # two scores per slot: half the responses and bytes
             )
             results.extend(self._score_registered(request, expected, len(batch)))
