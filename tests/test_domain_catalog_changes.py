@@ -120,6 +120,8 @@ def test_popularity_follows_its_item() -> None:
         (["x", "x"], unit_rows(2, DIMENSION, 7), [], CatalogError, "listed twice"),
         ([""], unit_rows(1, DIMENSION, 7), [], CatalogError, "1 to 256 bytes"),
         (["x" * 257], unit_rows(1, DIMENSION, 7), [], CatalogError, "1 to 256 bytes"),
+        (["new "], unit_rows(1, DIMENSION, 7), [], CatalogError, "blanks"),
+        ([], np.empty((0, DIMENSION)), [" i1"], CatalogError, "blanks"),
         (["i1"], unit_rows(1, DIMENSION, 7), ["i1"], CatalogError, "both upserted and deleted"),
         ([], np.empty((0, DIMENSION)), ["nope"], UnknownItemError, "holds no item 'nope'"),
         ([], np.empty((0, DIMENSION)), ["i1", "i1"], CatalogError, "listed twice"),
@@ -137,3 +139,8 @@ def test_a_change_that_fails_its_checks_is_refused_and_the_base_is_untouched(
     assert (base.version, base.ids) == before[:2]
     np.testing.assert_array_equal(base.embeddings, before[2])
     assert base.positions_of(["i1"]) == [1]
+
+
+def test_a_catalog_refuses_an_id_that_a_file_of_ids_could_not_name() -> None:
+    with pytest.raises(CatalogError, match="row 1's id begins or ends with blanks"):
+        Catalog("shop", unit_rows(2, DIMENSION, 1), ["a", "b "])

@@ -30,6 +30,12 @@ MAX_ID_BYTES = 256
 DEMO_CATALOG_NAME = "demo"
 
 
+_BLANKS = (
+    "begins or ends with blanks: files of ids (one a line) are read trimmed, so no such "
+    "file could name it"
+)
+
+
 class CatalogError(ValueError):
     """A catalog file or array that cannot be served."""
 
@@ -87,6 +93,8 @@ class Catalog:
                     f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
                     f"row {row}'s has {len(item_id.encode())}"
                 )
+            if item_id != item_id.strip():
+                raise CatalogError(f"catalog {name!r}: row {row}'s id {_BLANKS}")
         digest = hashlib.sha256(emb.astype("<f4", copy=False).data)
         digest.update("\n".join(ids).encode())
         values: tuple[float, ...] | None = None
@@ -313,6 +321,8 @@ def _check_ids(name: str, ids: Sequence[str], what: str) -> None:
                 f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; {what} id "
                 f"{position} (0-based) has {len(item.encode())}"
             )
+        if item != item.strip():
+            raise CatalogError(f"catalog {name!r}: {what} id {position} (0-based) {_BLANKS}")
     repeated = repeated_rows(ids)
     if repeated is not None:
         raise CatalogError(f"catalog {name!r}: {what} id {ids[repeated[1]][:40]!r} is listed twice")

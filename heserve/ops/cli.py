@@ -632,7 +632,8 @@ def cmd_admin_catalogs(args: argparse.Namespace, settings: config.Settings) -> i
 
 
 def _read_lines(path: Path) -> list[str]:
-    """Non-blank lines, stripped (a file of ids, one a line)."""
+    """Non-blank lines, trimmed (a file of ids, one a line, as a catalog's ids file is
+    read; no id begins or ends with blanks)."""
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -691,7 +692,7 @@ def cmd_admin_update(args: argparse.Namespace, settings: config.Settings) -> int
             "or the rows' numbers would overwrite the items named '0', '1', ..."
         )
     if any(not item.strip() for item in deletes):
-        raise config.ConfigError("an empty id to --delete (or a blank line in --delete-file)")
+        raise config.ConfigError("an empty id to --delete")
     # the same loader and checks as the server's catalog files (ids, finite, norm <= 1)
     upserts = None if args.upsert is None else load_catalog(args.catalog, args.upsert, args.ids)
     token = _admin_token(args.admin_token_file)
