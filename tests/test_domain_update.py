@@ -269,3 +269,23 @@ def test_a_reload_serves_the_source_and_says_the_updates_since_are_gone(
     with caplog.at_level(logging.WARNING, logger="heserve.domain.scorer"):
         assert scorer.reload("shop", lambda: source).outcome == "unchanged"
     assert not caplog.records
+
+
+def test_a_reload_reports_the_version_it_replaced_even_if_updated_while_it_read(
+    scorer: Scorer,
+) -> None:
+    """A reload reads its file outside the lock; an update made meanwhile is what the
+    reload replaces, and drops: the change names that version and counts that update."""
+    source = scorer.catalog("shop").catalog
+    scorer.update_items("shop", ["s1"], unit_rows(1, DIMENSION, 41))
+    made_while_reading: list[str] = []
+
+    def load() -> Catalog:
+        change = scorer.update_items("shop", ["s2"], unit_rows(1, DIMENSION, 42))
+        made_while_reading.append(change.version)
+        return source
+
+    change = scorer.reload("shop", load)
+    assert change.outcome == "replaced" and change.version == source.version
+    assert change.previous_version == made_while_reading[0]
+    assert change.updates_dropped == 2

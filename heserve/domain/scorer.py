@@ -137,6 +137,8 @@ class CatalogChange:
     seconds: float = 0.0
     error: str = ""
     """Why it failed: one line, naming no value of the catalog."""
+    updates_dropped: int = 0
+    """A reload's: updates the replaced version held that its source does not."""
 
 
 @dataclass(frozen=True)
@@ -360,12 +362,21 @@ class Scorer:
         that clients did not register (another dimension or size class) is refused:
         it needs a restart.
         """
+        return self._replace(catalog, progress) is not None
+
+    def _replace(
+        self, catalog: Catalog, progress: Progress | None = None
+    ) -> tuple[str, int] | None:
+        """`replace_catalog`: the version it replaced and the updates that version held
+        (read when the swap was decided: updates may land while a reload reads its
+        file), or None if `catalog` is the version served. Only those, not the old
+        catalog: the caller must not keep its rows alive."""
         with self._reloading:
             old = self.catalogs.get(catalog.name)
             if old is None:
                 raise ValueError(f"no catalog named {catalog.name!r} is served")
             if old.catalog.version == catalog.version:
-                return False
+                return None
             if catalog.dimension != old.catalog.dimension:
                 raise ValueError(
                     f"catalog {catalog.name!r}: the dimension changed from "
@@ -395,7 +406,7 @@ class Scorer:
                 time.monotonic() - started,
                 extra={"fields": {"event": "catalog_replaced", "catalog": catalog.name}},
             )
-            return True
+            return old.catalog.version, old.updates
 
     def update_items(
         self,
@@ -512,20 +523,24 @@ class Scorer:
             catalog = load()
             if catalog.name != catalog_name:
                 raise ValueError(f"the source of {catalog_name!r} loaded {catalog.name!r}")
-            if self.replace_catalog(catalog):
-                if served.updates:
+            replaced = self._replace(catalog)
+            if replaced is not None:
+                previous, dropped = replaced
+                if dropped:
                     log.warning(
                         "catalog %s: the reload served its source, which does not hold the "
                         "%d update(s) made through the admin service since it was read; "
                         "write changes to the source too if they must last",
                         catalog_name,
-                        served.updates,
+                        dropped,
                     )
                 entry = self.catalog(catalog_name)
                 total = entry.plan.chunk_count(catalog.item_count)
                 change = replace(
                     change,
                     outcome="replaced",
+                    previous_version=previous,
+                    updates_dropped=dropped,
                     version=catalog.version,
                     item_count=catalog.item_count,
                     chunks_rewritten=total,

@@ -593,10 +593,15 @@ def _describe_change(change: admin_pb2.CatalogChange) -> str:
         if outcome == "updated"
         else ""
     )
+    dropped = (
+        f"; {change.updates_dropped} update(s) made since its file was read are gone"
+        if change.updates_dropped
+        else ""
+    )
     return (
         f"{change.catalog}: {outcome}, version {change.previous_version} -> {change.version} "
         f"({counts}{change.item_count:,} items, {change.chunks_rewritten} of "
-        f"{change.chunk_count} chunks encoded, {change.seconds:.2f} s)"
+        f"{change.chunk_count} chunks encoded, {change.seconds:.2f} s){dropped}"
     )
 
 

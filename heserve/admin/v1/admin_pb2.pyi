@@ -85,7 +85,7 @@ class UpdateItemsResponse(_message.Message):
     def __init__(self, change: _Optional[_Union[CatalogChange, _Mapping]] = ...) -> None: ...
 
 class CatalogChange(_message.Message):
-    __slots__ = ("catalog", "outcome", "version", "previous_version", "item_count", "upserted", "deleted", "chunks_rewritten", "chunk_count", "seconds", "error")
+    __slots__ = ("catalog", "outcome", "version", "previous_version", "item_count", "upserted", "deleted", "chunks_rewritten", "chunk_count", "seconds", "error", "updates_dropped")
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class CatalogChange(_message.Message):
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     outcome: CatalogChangeOutcome
     version: str
@@ -108,4 +109,5 @@ class CatalogChange(_message.Message):
     chunk_count: int
     seconds: float
     error: str
-    def __init__(self, catalog: _Optional[str] = ..., outcome: _Optional[_Union[CatalogChangeOutcome, str]] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., item_count: _Optional[int] = ..., upserted: _Optional[int] = ..., deleted: _Optional[int] = ..., chunks_rewritten: _Optional[int] = ..., chunk_count: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    updates_dropped: int
+    def __init__(self, catalog: _Optional[str] = ..., outcome: _Optional[_Union[CatalogChangeOutcome, str]] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., item_count: _Optional[int] = ..., upserted: _Optional[int] = ..., deleted: _Optional[int] = ..., chunks_rewritten: _Optional[int] = ..., chunk_count: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., updates_dropped: _Optional[int] = ...) -> None: ...
