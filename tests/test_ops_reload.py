@@ -159,3 +159,33 @@ def test_a_hang_up_of_the_whole_process_group_reloads_and_no_worker_dies(
         process.kill()
         process.wait(timeout=TIMEOUT)
         process.stderr.close()
+
+
+def test_a_stop_of_the_whole_process_group_stops_gracefully_and_replaces_no_worker(
+    tmp_path: Path,
+) -> None:
+    """`docker stop` and some service managers send SIGTERM to every process of the
+    group: the front stops gracefully, and the workers, which leave it to the front, are
+    stopped by it rather than dying first and being replaced."""
+    np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        _lines_until(process.stderr, "listening")
+        os.killpg(process.pid, signal.SIGTERM)
+        rest = process.stderr.read().splitlines()  # to the end: the server has stopped
+        assert process.wait(timeout=TIMEOUT) == 0
+        records = [json.loads(line) for line in rest]  # JSON only: no traceback
+        events = [record.get("event") for record in records]
+        assert "stopped" in events
+        assert "shard_died" not in events and "shard_restarted" not in events, records
+    finally:
+        process.kill()
+        process.wait(timeout=TIMEOUT)
+        process.stderr.close()

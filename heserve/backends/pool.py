@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 
 from heserve.backends.base import (
@@ -87,16 +88,19 @@ class _Worker:
             self.conn.send(message)
 
 
-_GROUP_SIGNALS = {signal.SIGHUP, signal.SIGINT}
-"""What a terminal sends its whole process group (hang-up, Ctrl-C): the front acts on
-them (a reload; a graceful stop that ends the workers with Stop), its workers never."""
+_GROUP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
+"""What a terminal (hang-up, Ctrl-C) or a service manager stopping a whole process
+group (docker stop, systemd) sends every process of it: the front acts on them (a
+reload; a graceful stop that ends the workers with Stop), its workers never. A worker
+ends on Stop, or when the front's pipe closes (the front is gone); by hand, SIGKILL."""
 
 
 @contextlib.contextmanager
 def _group_signals_blocked() -> Iterator[None]:
     """`_GROUP_SIGNALS` blocked in this thread while it starts processes, which inherit
     the mask: the workers (and multiprocessing's resource tracker) would otherwise die
-    of a terminal's hang-up or Ctrl-C, and be replaced for nothing."""
+    of a signal meant for the front, and be replaced for nothing (or, while the front
+    stops gracefully, replaced after it said it stopped)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
     try:
         yield
@@ -175,6 +179,10 @@ class PoolBackend:
 
     def _spawn(self, index: int) -> _Worker:
         front, back = self._context.Pipe()
+        # Twice: starting multiprocessing's resource tracker (once per front) unblocks
+        # SIGINT and SIGTERM in this thread when it is done.
+        with _group_signals_blocked():
+            resource_tracker.ensure_running()
         with _group_signals_blocked():
             cancelled = self._context.RawArray(ctypes.c_int64, CANCELLED_SLOTS)
             process = self._context.Process(
