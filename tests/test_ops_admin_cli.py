@@ -193,6 +193,9 @@ def test_admin_update_refuses_what_would_change_the_wrong_items(
     assert no_ids.returncode == 2 and "--ids" in no_ids.stderr
     empty = _admin(folder, "update", "--server", target, "--catalog", "shop", "--delete", "")
     assert empty.returncode == 2 and "empty id" in empty.stderr
+    for timeout in ("0", "-1", "nan"):
+        refused = _admin(folder, "reload", "--server", target, "--timeout", timeout)
+        assert refused.returncode == 2 and "--timeout" in refused.stderr
     missing = run_cli(
         folder, "admin", "reload", "--server", target, "--admin-token-file", "nowhere.txt"
     )

@@ -336,7 +336,7 @@ def _check_norms(name: str, rows: RowArray, what: str) -> None:
     if largest > MAX_ROW_NORM * (1 + 2**-20):  # float32 may lift a row on the bound
         above = _rows_above(rows, MAX_ROW_NORM * (1 + 2**-20))
         raise CatalogError(
-            f"catalog {name!r}: {what} {row} (0-based) has norm {largest:.4g}, above "
+            f"catalog {name!r}: {what} {row} (0-based) has norm {largest:.7g}, above "
             f"{MAX_ROW_NORM}; {above} row(s) are; normalise the embeddings"
         )
 

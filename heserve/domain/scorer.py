@@ -57,6 +57,10 @@ from heserve.protocol.reasons import (
 from heserve.protocol.slots import ceil_div
 
 log = logging.getLogger(__name__)
+_ANSWER_SECONDS = 0.1
+"""What a change's answer is given to reach its caller before the deadline: a change
+encoded later than that is dropped, so that a caller who sees DEADLINE_EXCEEDED may take
+it that nothing changed (all but certainly: an answer can still take longer)."""
 MAX_UPDATE_ITEMS = 65_536
 """Items (upserted and deleted together) one catalog update may name, by default: the
 admin service's limit, not the public API's, so it is not among the SizeLimits that
@@ -439,7 +443,7 @@ class Scorer:
                 )
             for item in (*upsert_ids, *delete_ids):
                 self.bounded("an item id", item, self.limits.max_item_id_chars)
-            self.bounded("catalog_version", if_version)
+            self.bounded("if_version", if_version)
             with self._reloading:
                 old = self.catalog(catalog_name)
                 if if_version and if_version != old.catalog.version:
@@ -605,7 +609,7 @@ class Scorer:
         the last query that started on it ends."""
         try:
             encode()
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline - _ANSWER_SECONDS:
                 raise DeadlineExceededError(
                     "the call's deadline passed while the change was encoded: nothing "
                     "changed; allow more time (a change rewrites whole chunks)"

@@ -636,6 +636,17 @@ def cmd_admin_catalogs(args: argparse.Namespace, settings: config.Settings) -> i
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 (argparse reports the error)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < seconds < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return seconds
+
+
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines, trimmed (a file of ids, one a line, as a catalog's ids file is
     read; no id begins or ends with blanks)."""
@@ -726,7 +737,13 @@ def cmd_admin_update(args: argparse.Namespace, settings: config.Settings) -> int
                 if number > 1:
                     exc.args = (
                         f"{exc} (call {number} of {len(requests)}; the {number - 1} before it "
-                        f"were applied: version {version} serves)",
+                        f"were applied and made version {version}; `heserve admin catalogs` "
+                        "says which serves now)",
+                    )
+                elif "DEADLINE_EXCEEDED" in str(exc):
+                    exc.args = (
+                        f"{exc} (the server drops a change it could not serve in time; "
+                        "`heserve admin catalogs` says which version serves)",
                     )
                 raise
             version = reply.change.version
@@ -987,7 +1004,7 @@ def _add_admin_connection(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=_ADMIN_TIMEOUT_SECONDS,
         metavar="SECONDS",
         help="seconds to wait for the server's answer (default: %(default)g)",

@@ -66,7 +66,9 @@ class CatalogAdminServiceServicer:
         CatalogChange has outcome FAILED and its error, the served version stays,
         and the call still returns OK. One reload runs at a time (SIGHUP included):
         a call made during another waits for it. A server started without catalog
-        files (the demo catalog) answers FAILED_PRECONDITION.
+        files (the demo catalog) answers FAILED_PRECONDITION. A reload runs to its
+        end whatever the call's deadline: a caller that gave up may find it done
+        (it is safe to call again: an unchanged file is UNCHANGED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,10 +92,11 @@ class CatalogAdminServiceServicer:
         if_version;
         - FAILED_PRECONDITION (reason CATALOG_VERSION_CHANGED): if_version is set
         and is not the version served;
-        - DEADLINE_EXCEEDED: the call's deadline passed before the change was
-        served; the server drops it. (As with any RPC, the deadline can also pass
-        in the instant between the swap and the answer: a caller who retries
-        with if_version set cannot apply a change twice.)
+        - DEADLINE_EXCEEDED: the change was encoded too close to the call's
+        deadline (less than 0.1 s before it) to be answered in time; the server
+        drops it. (An answer that takes longer than that to arrive can still
+        come after the deadline of a change that was served: a caller who
+        retries with if_version set cannot apply a change twice.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
