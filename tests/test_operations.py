@@ -360,10 +360,15 @@ def test_calls_past_max_concurrent_rpcs_are_resource_exhausted(
         release.set()
         with pytest.raises(grpc.RpcError):
             busy.result(timeout=TIMEOUT)  # no key bytes: INVALID_ARGUMENT
+        # Served again once the slot is free. One OK is the proof: a probe right after
+        # another can still find the slot held by the one before, whose end gRPC
+        # counts a moment after its answer (seen on a fresh CI machine).
         deadline = time.monotonic() + 10
-        while info_code() != grpc.StatusCode.OK and time.monotonic() < deadline:
+        code = info_code()
+        while code != grpc.StatusCode.OK and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert info_code() == grpc.StatusCode.OK
+            code = info_code()
+        assert code == grpc.StatusCode.OK
 
 
 def test_message_limits_are_enforced_reported_and_followed_by_the_client(
