@@ -35,18 +35,35 @@ def _lines_until(stream: IO[str], needle: str) -> list[dict[str, object]]:
     raise AssertionError(f"the server ended before logging {needle!r}: {records}")
 
 
+def _serve(
+    folder: Path, port: int, *options: str, own_group: bool = False
+) -> subprocess.Popen[str]:
+    """`heserve serve` on `port` in `folder`, JSON logs on its stderr (a pipe), once it
+    has logged that it listens. `own_group`: a process group of its own, as under a
+    terminal or a service manager (signals sent to the group reach its workers too)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
+         "--log-format", "json", *options],
+        cwd=folder, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=own_group,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        _lines_until(process.stderr, "listening")
+    except BaseException:
+        process.kill()
+        process.wait(timeout=TIMEOUT)
+        process.stderr.close()
+        raise
+    return process
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
-         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = _serve(tmp_path, port, "--workers", "2", "--catalog", "shop=shop.npy")
     assert process.stderr is not None
-    _lines_until(process.stderr, "listening")
     try:
         yield process, f"127.0.0.1:{port}", tmp_path
     finally:
@@ -104,15 +121,9 @@ def test_sighup_to_a_server_without_catalog_files_is_logged_and_it_serves_on(
     """The demo catalog has no file to read again: SIGHUP (a routine `systemctl reload`)
     must not end the server, as the signal's default action would."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
-         "--log-format", "json"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = _serve(tmp_path, port)
     assert process.stderr is not None
     try:
-        _lines_until(process.stderr, "listening")
         process.send_signal(signal.SIGHUP)
         records = _lines_until(process.stderr, "nothing to reload")
         assert records[-1]["level"] == "WARNING"
@@ -132,15 +143,9 @@ def test_a_hang_up_of_the_whole_process_group_reloads_and_no_worker_dies(
     front reloads, and the workers, which leave SIGHUP to it, serve on (none replaced)."""
     np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
-         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,  # a group of its own, as under a terminal
-    )  # fmt: skip
+    process = _serve(tmp_path, port, "--workers", "2", "--catalog", "shop=shop.npy", own_group=True)
     assert process.stderr is not None
     try:
-        _lines_until(process.stderr, "listening")
         changed = unit_rows(300, 12, seed=97)
         np.save(tmp_path / "shop.npy", changed)
         os.killpg(process.pid, signal.SIGHUP)
@@ -169,15 +174,9 @@ def test_a_stop_of_the_whole_process_group_stops_gracefully_and_replaces_no_work
     stopped by it rather than dying first and being replaced."""
     np.save(tmp_path / "shop.npy", unit_rows(300, 12, seed=91))
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "heserve.ops.cli", "serve", "--port", str(port),
-         "--workers", "2", "--catalog", "shop=shop.npy", "--log-format", "json"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+    process = _serve(tmp_path, port, "--workers", "2", "--catalog", "shop=shop.npy", own_group=True)
     assert process.stderr is not None
     try:
-        _lines_until(process.stderr, "listening")
         os.killpg(process.pid, signal.SIGTERM)
         rest = process.stderr.read().splitlines()  # to the end: the server has stopped
         assert process.wait(timeout=TIMEOUT) == 0

@@ -605,13 +605,18 @@ def _describe_change(change: admin_pb2.CatalogChange) -> str:
     )
 
 
-def cmd_admin_reload(args: argparse.Namespace, settings: config.Settings) -> int:
-    """Have the server re-read its catalog files; one line per catalog; 1 if any failed."""
+def _admin_call(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """One call of the admin service, with the admin token, the TLS flags and --timeout;
+    a failure as the CommandError `_admin_errors` makes of it."""
     metadata = (("authorization", f"Bearer {_admin_token(args.admin_token_file)}"),)
     with _admin_channel(args) as channel, _admin_errors(args.server):
-        reply = admin_pb2_grpc.CatalogAdminServiceStub(channel).ReloadCatalogs(
-            admin_pb2.ReloadCatalogsRequest(), timeout=args.timeout, metadata=metadata
-        )
+        call = getattr(admin_pb2_grpc.CatalogAdminServiceStub(channel), method)
+        return call(request, timeout=args.timeout, metadata=metadata)
+
+
+def cmd_admin_reload(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Have the server re-read its catalog files; one line per catalog; 1 if any failed."""
+    reply = _admin_call(args, "ReloadCatalogs", admin_pb2.ReloadCatalogsRequest())
     for change in reply.changes:
         print(_describe_change(change))
     failed = [c for c in reply.changes if c.outcome == admin_pb2.CATALOG_CHANGE_OUTCOME_FAILED]
@@ -620,11 +625,7 @@ def cmd_admin_reload(args: argparse.Namespace, settings: config.Settings) -> int
 
 def cmd_admin_catalogs(args: argparse.Namespace, settings: config.Settings) -> int:
     """The served catalogs, one line each: version, size, updates not in their file."""
-    metadata = (("authorization", f"Bearer {_admin_token(args.admin_token_file)}"),)
-    with _admin_channel(args) as channel, _admin_errors(args.server):
-        reply = admin_pb2_grpc.CatalogAdminServiceStub(channel).ListCatalogs(
-            admin_pb2.ListCatalogsRequest(), timeout=args.timeout, metadata=metadata
-        )
+    reply = _admin_call(args, "ListCatalogs", admin_pb2.ListCatalogsRequest())
     for state in reply.catalogs:
         line = (
             f"{state.catalog}: version {state.version}, {state.item_count:,} items × "
