@@ -12,7 +12,7 @@ import functools
 import hashlib
 import math
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,14 +87,7 @@ class Catalog:
             raise CatalogError(
                 f"catalog {name!r}: item ids are not unique ({ids[repeated[1]][:40]!r} repeats)"
             )
-        for row, item_id in enumerate(ids):
-            if not item_id or len(item_id.encode()) > MAX_ID_BYTES:
-                raise CatalogError(
-                    f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
-                    f"row {row}'s has {len(item_id.encode())}"
-                )
-            if item_id != item_id.strip():
-                raise CatalogError(f"catalog {name!r}: row {row}'s id {_BLANKS}")
+        _check_each_id(name, ids, lambda row: f"row {row}'s")
         digest = hashlib.sha256(emb.astype("<f4", copy=False).data)
         digest.update("\n".join(ids).encode())
         values: tuple[float, ...] | None = None
@@ -225,7 +218,7 @@ def changed_catalog(
             f"catalog {name!r}: {len(upsert_ids)} ids for {rows.shape[0]} upserted embeddings"
         )
     if not len(upsert_ids) and not len(delete_ids):
-        raise CatalogError(f"catalog {name!r}: the change upserts and deletes nothing")
+        raise CatalogError(f"catalog {name!r}: neither upserts nor deletes: nothing to change")
     _check_ids(name, upsert_ids, "upserted")
     _check_ids(name, delete_ids, "deleted")
     both = set(upsert_ids) & set(delete_ids)
@@ -314,15 +307,22 @@ def changed_catalog(
     )
 
 
-def _check_ids(name: str, ids: Sequence[str], what: str) -> None:
+def _check_each_id(name: str, ids: Sequence[str], whose: Callable[[int], str]) -> None:
+    """Each id 1 to MAX_ID_BYTES bytes and without blanks around it, for a whole catalog
+    and for a change alike; `whose(i)` names the i-th id's item in an error ("row 3's")."""
     for position, item in enumerate(ids):
         if not item or len(item.encode()) > MAX_ID_BYTES:
             raise CatalogError(
-                f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; {what} id "
-                f"{position} (0-based) has {len(item.encode())}"
+                f"catalog {name!r}: ids must be 1 to {MAX_ID_BYTES} bytes; "
+                f"{whose(position)} has {len(item.encode())}"
             )
         if item != item.strip():
-            raise CatalogError(f"catalog {name!r}: {what} id {position} (0-based) {_BLANKS}")
+            raise CatalogError(f"catalog {name!r}: {whose(position)} id {_BLANKS}")
+
+
+def _check_ids(name: str, ids: Sequence[str], what: str) -> None:
+    """A change's upserted or deleted ids: each well formed, none listed twice."""
+    _check_each_id(name, ids, lambda position: f"{what} item {position} (0-based)'s")
     repeated = repeated_rows(ids)
     if repeated is not None:
         raise CatalogError(f"catalog {name!r}: {what} id {ids[repeated[1]][:40]!r} is listed twice")

@@ -434,15 +434,8 @@ class Scorer:
         that in fact took effect.
         """
         started = time.monotonic()
-        named = len(upsert_ids) + len(delete_ids)
         try:
-            if named > self.max_update_items:
-                raise ResourceExhaustedError(
-                    f"{named} items exceed the limit of {self.max_update_items} "
-                    "per update; send them in several"
-                )
-            for item in (*upsert_ids, *delete_ids):
-                self.bounded("an item id", item, self.limits.max_item_id_chars)
+            self.bound_update(upsert_ids, delete_ids)
             self.bounded("if_version", if_version)
             with self._reloading:
                 old = self.catalog(catalog_name)
@@ -508,6 +501,19 @@ class Scorer:
         _after_a_version_went()
         self._record("update", change)
         return change
+
+    def bound_update(self, upsert_ids: Sequence[str], delete_ids: Sequence[str]) -> None:
+        """Refuse an update naming more items than `max_update_items`, or an id longer
+        than `max_item_id_chars`: checked before anything is made for it (update_items
+        does; a transport that builds the rows first calls it before it allocates)."""
+        named = len(upsert_ids) + len(delete_ids)
+        if named > self.max_update_items:
+            raise ResourceExhaustedError(
+                f"{named} items exceed the limit of {self.max_update_items} "
+                "per update; send them in several"
+            )
+        for item in (*upsert_ids, *delete_ids):
+            self.bounded("an item id", item, self.limits.max_item_id_chars)
 
     def reload(self, catalog_name: str, load: Callable[[], Catalog]) -> CatalogChange:
         """Serve what `load` reads for a served catalog (its source read again), through

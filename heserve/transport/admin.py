@@ -26,7 +26,6 @@ from heserve.admin.v1 import admin_pb2_grpc as admin_grpc
 from heserve.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
-    ResourceExhaustedError,
 )
 from heserve.domain.scorer import CatalogChange, Scorer
 from heserve.transport.auth import ADMIN_PREFIX, UnauthenticatedError
@@ -119,25 +118,16 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
         self, request: admin_pb.UpdateItemsRequest, context: grpc.ServicerContext
     ) -> admin_pb.UpdateItemsResponse:
         _check_admin()
-        scorer, limits = self._scorer, self._scorer.limits
-        named = len(request.upserts) + len(request.delete_ids)
-        if named > scorer.max_update_items:
-            raise ResourceExhaustedError(
-                f"{named} items exceed the limit of {scorer.max_update_items} per update; "
-                "send them in several"
-            )
-        if named == 0:
-            raise InvalidArgumentError("neither upserts nor delete_ids: nothing to change")
+        scorer = self._scorer
+        upsert_ids = [item.id for item in request.upserts]
+        scorer.bound_update(upsert_ids, request.delete_ids)  # before the rows are made
         dimension = scorer.catalog(request.catalog).catalog.dimension
         for position, item in enumerate(request.upserts):
-            scorer.bounded(f"upserts[{position}].id", item.id, limits.max_item_id_chars)
             if len(item.embedding) != dimension:
                 raise InvalidArgumentError(
                     f"upserts[{position}].embedding has {len(item.embedding)} values; catalog "
                     f"{request.catalog!r} has dimension {dimension}"
                 )
-        for position, item_id in enumerate(request.delete_ids):
-            scorer.bounded(f"delete_ids[{position}]", item_id, limits.max_item_id_chars)
         with_popularity = sum(item.HasField("popularity") for item in request.upserts)
         if 0 < with_popularity < len(request.upserts):
             raise InvalidArgumentError(
@@ -149,7 +139,7 @@ class CatalogAdminServicer(admin_grpc.CatalogAdminServiceServicer):  # type: ign
             row[:] = item.embedding
         change = scorer.update_items(
             request.catalog,
-            [item.id for item in request.upserts],
+            upsert_ids,
             rows,
             list(request.delete_ids),
             popularity=[item.popularity for item in request.upserts] if with_popularity else None,
